@@ -43,7 +43,9 @@ class AdapterConfig:
     blocksize: int = _opt(64, "NF4 block size (bitsandbytes: 64)", min=16)
     double_quant: bool = _opt(True, "NF4 double quantization of the absmax (8-bit, blocks of 256)")
     qpissa_iters: int = _opt(1, "QPiSSA alternations of SVD and quantization (paper, appendix E)", min=1)
-    import_adapter: Union[str, None] = _opt(None, "merge this PEFT or mlx-lm adapter into W before PiSSA init")
+    cpu_dequant_cache: bool = _opt(
+        True, "on a CPU device, forward 4-bit layers through a dequantized copy (BLAS speed, full-precision memory)"
+    )
 
 
 @dataclass

@@ -22,7 +22,7 @@ from forge_mlx.errors import ForgeError
 from forge_mlx.losses import sft_loss
 from forge_mlx.metrics_log import plot_losses
 from forge_mlx.models import compute_dtype, load_model, on_gpu
-from forge_mlx.quant import make_residual
+from forge_mlx.quant import cache_dequantized, make_residual
 from forge_mlx.schedule import mlx_schedule
 from forge_mlx.train import LoopSpec, checkpoint_blocks, train_loop
 
@@ -83,6 +83,9 @@ def adapt(model: nn.Module, config: Config, log=print) -> dict:
         dtype=compute_dtype(config.dtype), dropout=a.dropout,
     )
     report["frozen_linears_quantized"] = quantize_frozen_linears(model, config)
+    if a.cpu_dequant_cache and not on_gpu():
+        for _, module in model.named_modules():
+            cache_dequantized(module)
     model.freeze()
     model.unfreeze(keys=["lora_a", "lora_b"], strict=False)
     return report
