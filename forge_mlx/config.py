@@ -28,13 +28,13 @@ def _opt(default: Any, help: str, **checks: Any) -> Any:
 
 @dataclass
 class AdapterConfig:
-    init: str = _opt("pissa", "pissa (full SVD) | pissa_niter_N (randomized, N power iterations) | lora")
+    init: str = _opt("pissa", "pissa (full SVD), pissa_niter_N (randomized, N power iterations) or lora")
     rank: int = _opt(64, "adapter rank r", min=1)
     alpha: float = _opt(128.0, "scaling = alpha / rank (PiSSA divides it out, so init is exact for any alpha)",
                         min_exclusive=0)
     dropout: float = _opt(0.0, "dropout on the adapter input", min=0, max=1)
     targets: Union[str, list[str]] = _opt(
-        "attention", "attention (q/k/v/o) | all-linear | a list of module names such as [q_proj, v_proj]"
+        "attention", "attention (q/k/v/o), all-linear, or a list of module names such as [q_proj, v_proj]"
     )
     rank_pattern: dict[str, int] = _opt(dict, "per-layer rank overrides: {'layers.0.self_attn.q_proj': 16}")
     residual: str = _opt("nf4", "storage of the frozen residual", choices=("none", "affine", "nf4"))
@@ -107,7 +107,7 @@ class MemoryConfig:
 class Config:
     model: str = _opt("models/SmolLM2-135M-Instruct", "hub id or local folder (HF layout, safetensors)")
     output_dir: str = _opt("runs/default", "run directory: config, metrics, checkpoints, adapters")
-    backend: str = _opt("auto", "auto | mlx | torch", choices=("auto", "mlx", "torch"))
+    backend: str = _opt("auto", "auto (MLX where it works, else torch), mlx or torch", choices=("auto", "mlx", "torch"))
     dtype: str = _opt("auto", "compute dtype; auto = float32 on CPU, bfloat16 on GPU",
                       choices=("auto", "float32", "bfloat16", "float16"))
     seed: int = _opt(0, "seed for init, shuffling and dropout")

@@ -8,12 +8,10 @@ from dataclasses import dataclass
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from forge_mlx.adapters import TARGET_PRESETS
 from forge_mlx.config import Config
+from forge_mlx.models import on_gpu
 
-TARGET_PRESETS = {
-    "attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
-    "all-linear": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-}
 FP32_ADAM_BYTES = 16  # per trainable parameter: value, gradient and two Adam moments in fp32
 
 
@@ -75,6 +73,8 @@ def estimate_memory(model: nn.Module, model_config: dict, config: Config, dtype_
     linear_weights = sum(o * i for o, i in layers.values())
     other_weights = parameter_count(model) - linear_weights
     frozen = int(linear_weights * residual_bytes_per_weight(config, dtype_bytes) + other_weights * dtype_bytes)
+    if config.adapter.residual != "none" and config.adapter.cpu_dequant_cache and not on_gpu():
+        frozen += linear_weights * dtype_bytes  # the CPU's dequantized forward copies
     adapter_params = 0
     for name, (out_dims, in_dims) in layers.items():
         if name.rsplit(".", 1)[-1] in wanted:

@@ -98,6 +98,7 @@ def adapter_metadata(config: Config, report: dict, model_config: dict) -> dict:
         "format": "forge-mlx", "base_model": config.model, "model_type": model_config.get("model_type"),
         "init": a.init, "rank": a.rank, "alpha": a.alpha, "scale": a.alpha / a.rank, "dropout": a.dropout,
         "targets": sorted(report["layers"]), "ranks": {p: e["rank"] for p, e in report["layers"].items()},
+        "scales": {p: e["scale"] for p, e in report["layers"].items()},
         "residual": a.residual, "bits": a.bits, "group_size": a.group_size, "blocksize": a.blocksize,
         "double_quant": a.double_quant, "trainable_parameters": report["trainable_parameters"],
     }
