@@ -6,6 +6,7 @@ PY := $(BIN)/python
 MODEL_DIR := models/SmolLM2-135M-Instruct
 RUN ?= runs/demo
 DATA ?= data/sft
+PREF ?= data/dpo/valid.jsonl
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
@@ -43,6 +44,7 @@ setup: fast-blas $(VENV)/.dev $(MODEL_DIR)/forge_import.json ## Create .venv wit
 demo: fast-blas $(VENV)/.base $(MODEL_DIR)/forge_import.json ## SFT -> DPO on SmolLM2 with the sample data, then base-vs-tuned table
 	$(BIN)/forge-mlx info $(MODEL_DIR) --config configs/demo.yaml
 	$(BIN)/forge-mlx train configs/demo.yaml
+	$(BIN)/forge-mlx eval runs/demo --data data/sft --data data/dpo/valid.jsonl --split test
 
 test: fast-blas $(VENV)/.dev $(MODEL_DIR)/forge_import.json ## Run the whole test suite (unit + SmolLM2 integration)
 	$(BIN)/pytest -q $(PYTEST_ARGS)
@@ -51,10 +53,10 @@ test-fast: fast-blas $(VENV)/.dev ## Unit tests only (no SmolLM2)
 	$(BIN)/pytest -q -m "not slow" $(PYTEST_ARGS)
 
 eval: $(VENV)/.base $(MODEL_DIR)/forge_import.json ## Base vs tuned on held-out data: make eval RUN=runs/demo DATA=data/sft
-	$(BIN)/forge-mlx eval $(RUN) --data $(DATA)
+	$(BIN)/forge-mlx eval $(RUN) --data $(DATA) --split test $(if $(PREF),--data $(PREF))
 
 eval-base: $(VENV)/.base $(MODEL_DIR)/forge_import.json ## The base model alone on the held-out data
-	$(BIN)/forge-mlx eval $(MODEL_DIR) --data $(DATA)
+	$(BIN)/forge-mlx eval $(MODEL_DIR) --data $(DATA) --split test
 
 bench: fast-blas $(VENV)/.dev $(MODEL_DIR)/forge_import.json ## Run the benchmarks in tools/ (JSON into bench_results/)
 	@for b in tools/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

@@ -17,6 +17,8 @@ from typing import Any
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
+from forge_mlx.errors import ForgeError
+
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "state.json"
 
@@ -37,18 +39,48 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _reason(exc: Exception) -> str:
+    return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+
+
+def write_failed(path: Path, exc: Exception, hint: str = "nothing half-written was left") -> ForgeError:
+    """The user error for a failed write (a full disk, permissions), naming the file."""
+    return ForgeError(f"cannot write {Path(path).name}: {_reason(exc)}", where=str(path),
+                      hint=f"check free disk space and permissions; {hint}")
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a small file so a reader sees the old or the new content, never a torn one."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise write_failed(path, exc) from None
+
+
+def _write_safetensors(path: Path, arrays: dict[str, mx.array], metadata: dict[str, str]) -> None:
+    """Write through a temporary name (removed on failure), so no torn file is ever visible."""
+    mx.eval(list(arrays.values()))  # a compute error surfaces here, not disguised as a write error
+    tmp = path.with_name(f".tmp-{path.name}")  # keeps the .safetensors suffix mx.save_safetensors insists on
+    try:
+        mx.save_safetensors(str(tmp), arrays, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def save_arrays(path: Path, arrays: dict[str, mx.array], metadata: dict[str, str] | None = None) -> None:
-    mx.save_safetensors(str(path), arrays, metadata=metadata or {})
+    """Atomic safetensors write: a full disk leaves the old file (or none) and a ForgeError naming it."""
+    try:
+        _write_safetensors(path, arrays, metadata or {})
+    except (OSError, RuntimeError) as exc:  # MLX reports a failed write as RuntimeError
+        raise write_failed(path, exc) from None
 
 
 def optimizer_arrays(optimizer) -> dict[str, mx.array]:
@@ -67,22 +99,27 @@ def save_checkpoint(
     final = checkpoint_dir(run_dir, phase, step)
     tmp = final.with_name(f".tmp-{final.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_arrays(tmp / "adapters.safetensors", adapters)
     opt = optimizer_arrays(optimizer)
     for i, array in enumerate(mx.random.state):
         opt[f"__rng__.{i}"] = array
-    save_arrays(tmp / "optimizer.safetensors", opt)
-    files = {name: sha256(tmp / name) for name in ("adapters.safetensors", "optimizer.safetensors")}
-    record = {"phase": phase, "step": step, "files": files, **state}
-    (tmp / STATE_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")
-    for name in [*files, STATE_FILE]:
-        with open(tmp / name, "rb") as handle:
-            os.fsync(handle.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    fsync_dir(final.parent)
+    mx.eval(list(adapters.values()), list(opt.values()))  # compute errors are not write errors
+    try:
+        tmp.mkdir(parents=True)
+        _write_safetensors(tmp / "adapters.safetensors", adapters, {})
+        _write_safetensors(tmp / "optimizer.safetensors", opt, {})
+        files = {name: sha256(tmp / name) for name in ("adapters.safetensors", "optimizer.safetensors")}
+        record = {"phase": phase, "step": step, "files": files, **state}
+        (tmp / STATE_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")
+        for name in [*files, STATE_FILE]:
+            with open(tmp / name, "rb") as handle:
+                os.fsync(handle.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+    except (OSError, RuntimeError) as exc:  # a full disk: drop the partial folder, keep the earlier ones
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_failed(final, exc, "the earlier checkpoints are intact") from None
     for old in list_checkpoints(run_dir, phase)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -127,6 +164,7 @@ def load_into(path: Path, model, optimizer) -> None:
     opt = mx.load(str(path / "optimizer.safetensors"))
     rng = [opt.pop(k) for k in sorted((k for k in opt if k.startswith("__rng__.")), key=lambda k: int(k[8:]))]
     optimizer.state = tree_unflatten(list(opt.items()))
-    if rng:
-        mx.random.state[:] = rng
+    if rng:  # mx.random.state takes no assignment; seed(s) sets the (2,) uint32 key to [s >> 32, s & 0xffffffff]
+        hi, lo = rng[0].tolist()
+        mx.random.seed((hi << 32) | lo)
     mx.eval(model.parameters(), optimizer.state)

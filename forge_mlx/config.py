@@ -192,7 +192,9 @@ def _build(cls: type, values: dict, prefix: str, places: dict[str, str], source:
     kwargs = {}
     for key, value in values.items():
         dotted = f"{prefix}{key}"
-        where = places.get(dotted, source)
+        # an override of a sub-key (`--set model.x=1`) locates an error on its parent key too
+        where = places.get(dotted) or next((w for k, w in places.items() if k.startswith(f"{dotted}.")),
+                                           source)
         if key not in fields:
             nearest = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f"did you mean '{prefix}{nearest[0]}'?" if nearest else f"valid keys: {', '.join(fields)}"
@@ -220,9 +222,10 @@ def _yaml_with_lines(text: str, source: str) -> tuple[dict, dict[str, int]]:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
+        mark, context = getattr(exc, "problem_mark", None), getattr(exc, "context_mark", None)
         where = f"{source}:{mark.line + 1}" if mark else source
-        raise ForgeError(f"invalid YAML: {getattr(exc, 'problem', exc)}", where=where) from None
+        opened = f" ({exc.context} at line {context.line + 1})" if context and exc.context else ""
+        raise ForgeError(f"invalid YAML: {getattr(exc, 'problem', exc)}{opened}", where=where) from None
     if data is None:
         return {}, {}
     if not isinstance(data, dict):
@@ -232,6 +235,9 @@ def _yaml_with_lines(text: str, source: str) -> tuple[dict, dict[str, int]]:
     def walk(mapping: yaml.MappingNode, prefix: str) -> None:
         for key_node, value_node in mapping.value:
             dotted = f"{prefix}{key_node.value}"
+            if dotted in lines:  # YAML keeps the last silently, which would drop the first section whole
+                raise ForgeError(f"duplicate key '{dotted}' (first on line {lines[dotted]})",
+                                 where=f"{source}:{key_node.start_mark.line + 1}")
             lines[dotted] = key_node.start_mark.line + 1
             if isinstance(value_node, yaml.MappingNode):
                 walk(value_node, f"{dotted}.")
@@ -301,8 +307,18 @@ def to_dict(config: Config) -> dict:
 
 
 def save_config(config: Config, path: str | Path) -> None:
-    """Write the resolved config (every key, defaults included) so a run directory is self-describing."""
-    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")
+    """Write the resolved config (every key, defaults included) so a run directory is self-describing.
+
+    Written through a temporary name: a full disk leaves no torn config.yaml (the OSError goes to the caller).
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")
+        tmp.replace(path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def reference(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:

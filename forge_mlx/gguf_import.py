@@ -284,8 +284,11 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype:
     metadata = header.metadata
     tied = "lm_head.weight" not in weights
     config = llama_config(metadata, weights["model.embed_tokens.weight"].shape[0], tied, dtype, path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as e:
+        raise ForgeError(f"cannot create the output folder: {e.strerror}", where=str(out)) from None
     try:
         tmp.chmod(0o755)  # mkdtemp's 0700 would hide the model from other users
         mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "pt"})
@@ -302,6 +305,11 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype:
             tmp.rename(out)
         except OSError as e:
             raise ForgeError(f"output folder appeared during the import: {e}", where=str(out)) from e
+    except (OSError, RuntimeError) as e:  # a full disk; MLX reports a failed write as RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else e
+        raise ForgeError(f"cannot write the imported model: {reason}", where=str(out),
+                         hint="check free disk space; nothing was left behind") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -43,7 +43,7 @@ def _download(repo: str) -> Path:
     except Exception as exc:  # the hub client raises many types: offline, 404, gated, auth
         kind = type(exc).__name__
         raise ForgeError(
-            f"could not fetch hub model '{repo}' ({kind})",
+            f"no local folder of that name, and the hub model '{repo}' could not be fetched ({kind})",
             where=repo,
             hint="check the id and the network; offline, use a local folder or a model already in the HF cache "
             "with HF_HUB_OFFLINE=1",
@@ -59,6 +59,8 @@ def check_model_folder(path: Path) -> dict:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise ForgeError(f"config.json is not valid JSON ({exc.msg})", where=f"{config_file}:{exc.lineno}") from None
+    if not isinstance(config, dict):
+        raise ForgeError("config.json must hold a JSON object", where=str(config_file))
     if not list(path.glob("model*.safetensors")):
         pickled = [p.name for pattern in PICKLED for p in path.glob(pattern)]
         if pickled:
@@ -110,10 +112,26 @@ def load_model(name: str, dtype: str = "auto"):
 
     path = resolve_model_path(name)
     check_model_folder(path)
-    model, config = mlx_load_model(path, lazy=False)
+    try:  # mlx-lm reports a truncated file, a config/weights mismatch or a missing key in several types
+        model, config = mlx_load_model(path, lazy=False)
+    except (RuntimeError, ValueError, TypeError, KeyError) as exc:
+        raise ForgeError(f"cannot load the model: {_one_line(exc)}", where=str(path),
+                         hint="config.json and the *.safetensors must match and be complete; re-download "
+                         "or re-convert the model") from exc
     cast_floats(model, compute_dtype(dtype))
-    tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+    try:
+        tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise ForgeError(f"cannot load the tokenizer: {_one_line(exc)}", where=str(path),
+                         hint="the folder needs tokenizer.json (or tokenizer.model) and tokenizer_config.json"
+                         ) from exc
     return model, tokenizer, config
+
+
+def _one_line(exc: Exception, limit: int = 300) -> str:
+    """A library's (often multi-line) message as one line, for the one-line CLI error."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def device_memory_bytes() -> int:

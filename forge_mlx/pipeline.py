@@ -20,7 +20,7 @@ from forge_mlx.data.jsonl import load_split
 from forge_mlx.data.sft import encode_sft_split
 from forge_mlx.errors import ForgeError
 from forge_mlx.losses import sft_loss
-from forge_mlx.metrics_log import plot_losses
+from forge_mlx.metrics_log import drop_metrics_after, plot_losses
 from forge_mlx.models import compute_dtype, load_model, on_gpu
 from forge_mlx.quant import cache_dequantized, make_residual
 from forge_mlx.schedule import mlx_schedule
@@ -30,6 +30,10 @@ RESOLVED_CONFIG = "config.yaml"
 ADAPTER_CONFIG = "adapter_config.json"
 INIT_ADAPTERS = "adapters_init.safetensors"
 FINAL_ADAPTERS = "adapters.safetensors"
+STALE_ON_FRESH_START = (
+    "sft_done.json", "dpo_done.json", "dpo_reference.safetensors", "metrics.jsonl", "summary.json",
+    INIT_ADAPTERS, FINAL_ADAPTERS, ADAPTER_CONFIG,
+)
 
 
 def prepare_run_dir(config: Config, resume: bool) -> Path:
@@ -42,6 +46,9 @@ def prepare_run_dir(config: Config, resume: bool) -> Path:
                          hint="pass --resume to continue it, or set output_dir to a new folder")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:  # a fresh run must not pick up an earlier run's phase markers or reference log-probs
+            for name in STALE_ON_FRESH_START:
+                (run_dir / name).unlink(missing_ok=True)
         save_config(config, run_dir / RESOLVED_CONFIG)
     except OSError as exc:
         raise ForgeError(f"cannot write the run directory ({exc.strerror})", where=str(run_dir)) from None
@@ -146,6 +153,7 @@ def resume_point(run_dir: Path, phase: str, model, optimizer, log=print) -> tupl
     if path is None:
         return 0, None
     ckpt.load_into(path, model, optimizer)
+    drop_metrics_after(Path(run_dir) / "metrics.jsonl", phase, record["step"])
     log(f"  resumed {phase} from {path.name} (step {record['step']})")
     return record["step"], record["data"]
 
@@ -205,8 +213,9 @@ def configure_memory(config: Config) -> None:
 def run_training(config: Config, resume: bool = False, log=print) -> dict:
     """The whole job; returns a summary that is also written to RUN/summary.json."""
     if config.backend == "torch":
-        raise ForgeError("the torch backend is not available in this version", where="backend",
-                         hint="use backend: mlx (or auto)")
+        from forge_mlx.torch_backend.pipeline import run_training as run_on_torch
+
+        return run_on_torch(config, resume, log)
     run_dir = prepare_run_dir(config, resume)
     configure_memory(config)
     mx.random.seed(config.seed)

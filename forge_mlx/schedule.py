@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-
-import mlx.core as mx
+from typing import TYPE_CHECKING
 
 from forge_mlx.errors import ForgeError
+
+if TYPE_CHECKING:  # imported in mlx_schedule, so lr_at works without mlx (the torch backend)
+    import mlx.core as mx
 
 
 def lr_at(
@@ -31,6 +33,8 @@ def mlx_schedule(
     *, peak_lr: float, total_steps: int, warmup_steps: int, min_lr_ratio: float = 0.0
 ) -> Callable[[mx.array], mx.array]:
     """lr_at as an mlx.optimizers schedule (mx.array step -> mx.array lr): a table, flat past the end."""
+    import mlx.core as mx
+
     lrs = [
         lr_at(
             s, peak_lr=peak_lr, total_steps=total_steps, warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio

@@ -93,7 +93,9 @@ def make_step(model: nn.Module, optimizer: optim.Optimizer, loss_fn: LossFn, max
 
 
 def evaluate_loss(model: nn.Module, loss_fn: LossFn, batches: list[tuple]) -> tuple[float, dict[str, float]]:
-    """Weighted mean loss (and aux sums / weight) over the given batches, without gradients."""
+    """Weighted mean loss (and aux sums / weight) over the given batches, without gradients, in eval mode (no
+    dropout); the caller switches back to training."""
+    model.eval()
     total, weight_sum, aux_sum = 0.0, 0.0, {}
     for batch in batches:
         loss, weight, aux = loss_fn(model, *batch)

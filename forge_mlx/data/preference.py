@@ -12,6 +12,7 @@ from forge_mlx.data.sft import (
     SFTExample,
     chat_example,
     check_choice,
+    checked_split,
     fit_length,
     has_chat_template,
     raw_example,
@@ -72,4 +73,5 @@ def encode_preference_split(
         else:
             truncated += any(new is not old for new, old in zip(fitted, pair, strict=True))
             pairs.append(PreferencePair(*fitted))
-    return EncodedSplit(pairs, truncated, dropped, no_target, len(dataset.skipped))
+    return checked_split(dataset, EncodedSplit(pairs, truncated, dropped, no_target, len(dataset.skipped)),
+                         max_seq_length)

@@ -196,7 +196,21 @@ def encode_sft_split(
         else:
             truncated += fitted is not example
             examples.append(fitted)
-    return EncodedSplit(examples, truncated, dropped, no_target, len(dataset.skipped))
+    return checked_split(dataset, EncodedSplit(examples, truncated, dropped, no_target, len(dataset.skipped)),
+                         max_seq_length)
+
+
+def checked_split(dataset: Dataset, split: EncodedSplit, max_seq_length: int) -> EncodedSplit:
+    """The split, unless the length policy left nothing of a non-empty file: then an error naming both."""
+    if split.examples or not dataset.records:
+        return split
+    raise ForgeError(
+        f"no example fits data.max_seq_length={max_seq_length}: {split.dropped_overlong} were longer and "
+        f"dropped, {split.dropped_no_target} kept no supervised token",
+        where=str(dataset.path),
+        hint="raise data.max_seq_length"
+        + (", or set data.overlong: truncate" if split.dropped_overlong else " (the prompts alone fill it)"),
+    )
 
 
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
