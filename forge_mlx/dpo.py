@@ -22,15 +22,15 @@ from forge_mlx.data.jsonl import load_split
 from forge_mlx.data.preference import encode_preference_split
 from forge_mlx.errors import ForgeError
 from forge_mlx.losses import dpo_loss, sequence_logps
-from forge_mlx.pipeline import make_optimizer, phase_steps, real_rows, resume_point
+from forge_mlx import distributed as dist
+from forge_mlx.pipeline import local_rows, make_optimizer, resume_point
+from forge_mlx.run_files import REFERENCE_FILE, phase_steps, real_rows
 from forge_mlx.train import LoopSpec, train_loop
-
-REFERENCE_FILE = "dpo_reference.safetensors"
 
 
 def preference_arrays(batch, reference: dict[str, np.ndarray]) -> tuple[tuple[mx.array, ...], int]:
     """(tokens (2b, T), mask (2b, T), ref_chosen (b,), ref_rejected (b,)) for the real pairs of a batch."""
-    rows = real_rows(batch)
+    batch, rows = local_rows(batch)
     ids = [ids[0] for ids in batch.example_ids if ids]
     arrays = (mx.array(batch.tokens[rows]), mx.array(batch.loss_mask[rows]),
               mx.array(reference["chosen"][ids]), mx.array(reference["rejected"][ids]))
@@ -64,6 +64,8 @@ def cached_reference(run_dir: Path, name: str, model, pairs: list, batch_size: i
     if f"{name}.chosen" not in stored:
         fresh = reference_logps(model, pairs, batch_size, average, pad_id)
         stored.update({f"{name}.{k}": v for k, v in fresh.items()})
+        if not dist.is_main():  # every rank computes the same reference; rank 0 keeps it
+            return fresh
         tmp = path.with_name(f".{path.name}.tmp.safetensors")
         ckpt.save_arrays(tmp, {k: mx.array(v) for k, v in stored.items()},
                          {"fingerprint": json.dumps(fingerprint, sort_keys=True)})
@@ -127,6 +129,6 @@ def run_dpo(model, tokenizer, config: Config, run_dir: Path, resume: bool, log=p
     reports = [r for r in result.history if "rewards/accuracies" in r or "val_rewards/accuracies" in r]
     if reports:
         summary["last_report"] = reports[-1]
-    if not result.interrupted:
+    if not result.interrupted and dist.is_main():
         ckpt.atomic_write_text(run_dir / "dpo_done.json", json.dumps(summary, indent=1))
     return summary

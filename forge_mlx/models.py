@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import re
 import sys
 from pathlib import Path
 
@@ -11,77 +9,20 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from forge_mlx.errors import ForgeError
-
-HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
-# Only what a model needs: no pickles, no code.
-HUB_PATTERNS = ["*.json", "model*.safetensors", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]
-PICKLED = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
-
-
-def is_hub_id(name: str) -> bool:
-    return bool(HUB_ID.match(name)) and ".." not in name
-
-
-def resolve_model_path(name: str) -> Path:
-    """A local folder as it is, or a hub id downloaded (cached by huggingface_hub); clear errors otherwise."""
-    path = Path(name).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise ForgeError("a model must be a folder in Hugging Face layout (config.json + *.safetensors)",
-                             where=str(path), hint="for a .gguf file run `forge-mlx import-gguf FILE OUT_DIR` first")
-        return path
-    if not is_hub_id(name):
-        raise ForgeError("model folder not found, and it is not a hub id of the form owner/name", where=name)
-    return _download(name)
-
-
-def _download(repo: str) -> Path:
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(repo, allow_patterns=HUB_PATTERNS))
-    except Exception as exc:  # the hub client raises many types: offline, 404, gated, auth
-        kind = type(exc).__name__
-        raise ForgeError(
-            f"no local folder of that name, and the hub model '{repo}' could not be fetched ({kind})",
-            where=repo,
-            hint="check the id and the network; offline, use a local folder or a model already in the HF cache "
-            "with HF_HUB_OFFLINE=1",
-        ) from None
+from forge_mlx.model_files import read_model_config, resolve_model_path
 
 
 def check_model_folder(path: Path) -> dict:
-    """Refuse what we will not load: missing config, pickled-only weights, custom code. Returns config.json."""
-    config_file = path / "config.json"
-    if not config_file.exists():
-        raise ForgeError("no config.json: not a Hugging Face model folder", where=str(path))
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ForgeError(f"config.json is not valid JSON ({exc.msg})", where=f"{config_file}:{exc.lineno}") from None
-    if not isinstance(config, dict):
-        raise ForgeError("config.json must hold a JSON object", where=str(config_file))
-    if not list(path.glob("model*.safetensors")):
-        pickled = [p.name for pattern in PICKLED for p in path.glob(pattern)]
-        if pickled:
-            raise ForgeError(
-                f"only pickled weights ({', '.join(sorted(pickled)[:3])}); forge-mlx never unpickles",
-                where=str(path),
-                hint="convert them to safetensors (e.g. transformers' save_pretrained(safe_serialization=True))",
-            )
-        raise ForgeError("no model*.safetensors weights", where=str(path))
-    if config.get("model_file") or config.get("auto_map"):
-        raise ForgeError("this model needs custom remote code, which forge-mlx never runs", where=str(config_file))
-    model_type = config.get("model_type")
-    if not model_type:
-        raise ForgeError("config.json has no 'model_type'", where=str(config_file))
+    """config.json of a folder we will load (model_files' checks) whose architecture mlx-lm knows."""
+    config = read_model_config(path)
     try:
         from mlx_lm.utils import _get_classes
 
         _get_classes(config)
     except ValueError:
         raise ForgeError(
-            f"architecture '{model_type}' is not supported by mlx-lm", where=f"{config_file}: field 'model_type'"
+            f"architecture '{config['model_type']}' is not supported by mlx-lm",
+            where=f"{path / 'config.json'}: field 'model_type'",
         ) from None
     return config
 

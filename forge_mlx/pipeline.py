@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -14,8 +13,9 @@ from mlx.utils import tree_unflatten
 
 from forge_mlx import checkpoint as ckpt
 from forge_mlx.adapters import adapter_weights, apply_adapters, load_adapter_weights
-from forge_mlx.config import Config, save_config
-from forge_mlx.data.batching import BatchStream, eval_batches
+from forge_mlx.config import Config
+from forge_mlx import distributed as dist
+from forge_mlx.data.batching import BatchStream, eval_batches, shard
 from forge_mlx.data.jsonl import load_split
 from forge_mlx.data.sft import encode_sft_split
 from forge_mlx.errors import ForgeError
@@ -23,36 +23,18 @@ from forge_mlx.losses import sft_loss
 from forge_mlx.metrics_log import drop_metrics_after, plot_losses
 from forge_mlx.models import compute_dtype, load_model, on_gpu
 from forge_mlx.quant import cache_dequantized, make_residual
+from forge_mlx.run_files import (
+    ADAPTER_CONFIG,
+    FINAL_ADAPTERS,
+    INIT_ADAPTERS,
+    adapter_metadata,
+    phase_done,
+    phase_steps,
+    prepare_run_dir,
+    real_rows,
+)
 from forge_mlx.schedule import mlx_schedule
 from forge_mlx.train import LoopSpec, checkpoint_blocks, train_loop
-
-RESOLVED_CONFIG = "config.yaml"
-ADAPTER_CONFIG = "adapter_config.json"
-INIT_ADAPTERS = "adapters_init.safetensors"
-FINAL_ADAPTERS = "adapters.safetensors"
-STALE_ON_FRESH_START = (
-    "sft_done.json", "dpo_done.json", "dpo_reference.safetensors", "metrics.jsonl", "summary.json",
-    INIT_ADAPTERS, FINAL_ADAPTERS, ADAPTER_CONFIG,
-)
-
-
-def prepare_run_dir(config: Config, resume: bool) -> Path:
-    """Create the run directory; refuse to overwrite a run's checkpoints unless resuming it."""
-    run_dir = Path(config.output_dir)
-    if resume and not (run_dir / RESOLVED_CONFIG).exists():
-        raise ForgeError("nothing to resume: no run here", where=str(run_dir), hint="start without --resume")
-    if not resume and ckpt.list_checkpoints(run_dir):
-        raise ForgeError("the run directory already holds checkpoints", where=str(run_dir),
-                         hint="pass --resume to continue it, or set output_dir to a new folder")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if not resume:  # a fresh run must not pick up an earlier run's phase markers or reference log-probs
-            for name in STALE_ON_FRESH_START:
-                (run_dir / name).unlink(missing_ok=True)
-        save_config(config, run_dir / RESOLVED_CONFIG)
-    except OSError as exc:
-        raise ForgeError(f"cannot write the run directory ({exc.strerror})", where=str(run_dir)) from None
-    return run_dir
 
 
 def quantize_frozen_linears(model: nn.Module, config: Config) -> int:
@@ -98,41 +80,22 @@ def adapt(model: nn.Module, config: Config, log=print) -> dict:
     return report
 
 
-def adapter_metadata(config: Config, report: dict, model_config: dict) -> dict:
-    """The run's adapter description (read by export and eval): base, method, per-layer ranks, residual format."""
-    a = config.adapter
-    return {
-        "format": "forge-mlx", "base_model": config.model, "model_type": model_config.get("model_type"),
-        "init": a.init, "rank": a.rank, "alpha": a.alpha, "scale": a.alpha / a.rank, "dropout": a.dropout,
-        "targets": sorted(report["layers"]), "ranks": {p: e["rank"] for p, e in report["layers"].items()},
-        "scales": {p: e["scale"] for p, e in report["layers"].items()},
-        "residual": a.residual, "bits": a.bits, "group_size": a.group_size, "blocksize": a.blocksize,
-        "double_quant": a.double_quant, "trainable_parameters": report["trainable_parameters"],
-    }
-
-
-def phase_steps(n_batches: int, grad_accum: int, steps: int | None, epochs: float | None) -> int:
-    """Optimizer steps for a phase: `steps` as given, else `epochs` (default 1) over the batches."""
-    if steps is not None:
-        return steps
-    return max(1, math.ceil((epochs or 1.0) * n_batches / grad_accum))
-
-
 def make_optimizer(lr: float, steps: int, warmup: int, min_lr_ratio: float, weight_decay: float) -> optim.AdamW:
     schedule = mlx_schedule(peak_lr=lr, total_steps=steps, warmup_steps=min(warmup, steps - 1),
                             min_lr_ratio=min_lr_ratio)
     return optim.AdamW(learning_rate=schedule, weight_decay=weight_decay)
 
 
-def real_rows(batch) -> list[int]:
-    """Rows that hold an example (the epoch's last batch is topped up with empty rows), pairs kept together."""
-    b = len(batch.example_ids)
-    keep = [i for i, ids in enumerate(batch.example_ids) if ids]
-    return [g * b + i for g in range(batch.group) for i in keep]
+def local_rows(batch):
+    """This rank's rows of a global batch (all of them on one process), never empty: a rank whose share is only
+    filler rows keeps one, whose zero loss mask gives it zero weight."""
+    if dist.size() > 1:
+        batch = shard(batch, dist.rank(), dist.size())
+    return batch, real_rows(batch) or [g * len(batch.example_ids) for g in range(batch.group)]
 
 
 def sft_arrays(batch) -> tuple[tuple[mx.array, mx.array], int]:
-    rows = real_rows(batch)
+    batch, rows = local_rows(batch)
     return (mx.array(batch.tokens[rows]), mx.array(batch.loss_mask[rows])), int(batch.lengths[rows].sum())
 
 
@@ -153,13 +116,10 @@ def resume_point(run_dir: Path, phase: str, model, optimizer, log=print) -> tupl
     if path is None:
         return 0, None
     ckpt.load_into(path, model, optimizer)
-    drop_metrics_after(Path(run_dir) / "metrics.jsonl", phase, record["step"])
+    if dist.is_main():
+        drop_metrics_after(Path(run_dir) / "metrics.jsonl", phase, record["step"])
     log(f"  resumed {phase} from {path.name} (step {record['step']})")
     return record["step"], record["data"]
-
-
-def phase_done(run_dir: Path, phase: str) -> bool:
-    return (Path(run_dir) / f"{phase}_done.json").exists()
 
 
 def run_sft(model, tokenizer, config: Config, run_dir: Path, resume: bool, log=print) -> dict:
@@ -195,7 +155,7 @@ def run_sft(model, tokenizer, config: Config, run_dir: Path, resume: bool, log=p
     summary = {"steps": result.steps_done, "final_loss": result.last_loss, "interrupted": result.interrupted,
                "padding_fraction": stream.padding_fraction, "examples": len(train_set.examples),
                "truncated": train_set.truncated, "dropped": train_set.dropped_overlong}
-    if not result.interrupted:
+    if not result.interrupted and dist.is_main():
         ckpt.atomic_write_text(run_dir / "sft_done.json", json.dumps(summary, indent=1))
     return summary
 
@@ -216,7 +176,15 @@ def run_training(config: Config, resume: bool = False, log=print) -> dict:
         from forge_mlx.torch_backend.pipeline import run_training as run_on_torch
 
         return run_on_torch(config, resume, log)
-    run_dir = prepare_run_dir(config, resume)
+    if dist.size() > 1 and config.train.batch_size % dist.size():
+        raise ForgeError(f"train.batch_size {config.train.batch_size} must be a multiple of the {dist.size()} "
+                         "processes (it is the global batch)", where="train.batch_size")
+    if dist.is_main():
+        prepare_run_dir(config, resume)
+        log(f"data parallel over {dist.size()} processes" if dist.size() > 1 else "single process")
+    run_dir = Path(config.output_dir)
+    if not dist.is_main():
+        log = lambda *args: None  # noqa: E731  (rank 0 speaks for the group)
     configure_memory(config)
     mx.random.seed(config.seed)
     log(f"loading {config.model}")
@@ -224,7 +192,7 @@ def run_training(config: Config, resume: bool = False, log=print) -> dict:
     log(f"adapting ({config.adapter.init}, rank {config.adapter.rank}, residual {config.adapter.residual})")
     report = adapt(model, config, log)
     meta = adapter_metadata(config, report, model_config)
-    if not (run_dir / INIT_ADAPTERS).exists():
+    if dist.is_main() and not (run_dir / INIT_ADAPTERS).exists():
         ckpt.save_arrays(run_dir / INIT_ADAPTERS, adapter_weights(model))
         ckpt.atomic_write_text(run_dir / ADAPTER_CONFIG, json.dumps(meta, indent=1))
     log(f"  {len(report['layers'])} adapted layers, {report['trainable_parameters']:,} trainable parameters")
@@ -245,8 +213,9 @@ def run_training(config: Config, resume: bool = False, log=print) -> dict:
         summary["dpo"] = run_dpo(model, tokenizer, config, run_dir, resume, log)
         if summary["dpo"]["interrupted"]:
             return summary
-    ckpt.save_arrays(run_dir / FINAL_ADAPTERS, adapter_weights(model))
-    plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
-    ckpt.atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1, default=str))
-    log(f"done: adapters in {run_dir / FINAL_ADAPTERS}")
+    if dist.is_main():
+        ckpt.save_arrays(run_dir / FINAL_ADAPTERS, adapter_weights(model))
+        plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
+        ckpt.atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1, default=str))
+        log(f"done: adapters in {run_dir / FINAL_ADAPTERS}")
     return summary

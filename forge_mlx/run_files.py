@@ -32,6 +32,10 @@ REFERENCE_FILE = "dpo_reference.safetensors"
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "state.json"
 CHECKPOINT_FILES = ("adapters.safetensors", "optimizer.safetensors")
+STALE_ON_FRESH_START = (
+    "sft_done.json", "dpo_done.json", REFERENCE_FILE, "metrics.jsonl", "summary.json", INIT_ADAPTERS,
+    FINAL_ADAPTERS, ADAPTER_CONFIG,
+)
 
 
 def sha256(path: Path) -> str:
@@ -175,6 +179,9 @@ def prepare_run_dir(config: Config, resume: bool) -> Path:
         )
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:  # a fresh run must not pick up an earlier run's phase markers or reference log-probs
+            for name in STALE_ON_FRESH_START:
+                (run_dir / name).unlink(missing_ok=True)
         save_config(config, run_dir / RESOLVED_CONFIG)
     except OSError as exc:
         raise ForgeError(f"cannot write the run directory ({exc.strerror})", where=str(run_dir)) from None

@@ -6,43 +6,14 @@ the base model with the same deterministic init (seeded), then the trained adapt
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import mlx.core as mx
 
 from forge_mlx.adapters import adapter_weights, load_adapter_weights
-from forge_mlx.checkpoint import latest_good
-from forge_mlx.config import Config, load_config
-from forge_mlx.errors import ForgeError
 from forge_mlx.models import load_model
-from forge_mlx.pipeline import ADAPTER_CONFIG, FINAL_ADAPTERS, INIT_ADAPTERS, RESOLVED_CONFIG, adapt
-
-
-def run_config(run_dir: str | Path) -> Config:
-    path = Path(run_dir) / RESOLVED_CONFIG
-    if not path.exists():
-        raise ForgeError("not a forge-mlx run directory (no config.yaml)", where=str(run_dir))
-    return load_config(path)
-
-
-def adapter_meta(run_dir: str | Path) -> dict:
-    path = Path(run_dir) / ADAPTER_CONFIG
-    if not path.exists():
-        raise ForgeError("the run has no adapter_config.json", where=str(run_dir))
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def trained_adapters_file(run_dir: str | Path) -> Path:
-    """The final adapters, or the newest good checkpoint's when the run stopped early."""
-    run_dir = Path(run_dir)
-    if (run_dir / FINAL_ADAPTERS).exists():
-        return run_dir / FINAL_ADAPTERS
-    path, _ = latest_good(run_dir)
-    if path is None:
-        raise ForgeError("the run directory holds no adapters (no adapters.safetensors, no checkpoint)",
-                         where=str(run_dir), hint="train first, or point at a finished run")
-    return path / "adapters.safetensors"
+from forge_mlx.pipeline import adapt
+from forge_mlx.run_files import INIT_ADAPTERS, adapter_meta, run_config, trained_adapters_file
 
 
 def load_run(run_dir: str | Path, *, dtype: str | None = None, adapters: str = "trained", log=lambda *a: None):

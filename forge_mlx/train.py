@@ -4,11 +4,8 @@ gradient checkpointing, clipping, NaN skipping, validation, atomic checkpoints a
 from __future__ import annotations
 
 import math
-import signal
-import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -18,36 +15,23 @@ import mlx.optimizers as optim
 from mlx.utils import tree_map
 
 from forge_mlx import checkpoint as ckpt
+from forge_mlx import distributed as dist
 from forge_mlx.errors import ForgeError
+from forge_mlx.loop_common import (
+    Interrupt,
+    LoopResult,
+    LoopSpec,
+    add_to_window,
+    new_window,
+    progress,
+    report_record,
+)
 from forge_mlx.metrics_log import MetricsLog
 from forge_mlx.models import device_memory_bytes
 
 # loss_fn(model, *batch) -> (loss, weight, aux): loss is the weighted mean over `weight` units (tokens or pairs);
 # aux holds per-batch sums to report (e.g. DPO rewards times pairs).
 LossFn = Callable[..., tuple[mx.array, mx.array, dict[str, mx.array]]]
-
-
-@dataclass
-class LoopSpec:
-    phase: str  # "sft" or "dpo": names checkpoints and metric records
-    steps: int
-    grad_accum: int
-    max_grad_norm: float
-    steps_per_report: int
-    steps_per_eval: int
-    save_every: int
-    max_bad_steps: int
-    val_batches: int
-    memory_alert: float = 0.8
-    memory_hint: str = "lower train.batch_size or data.max_seq_length, or set train.grad_checkpoint: true"
-
-
-@dataclass
-class LoopResult:
-    steps_done: int
-    last_loss: float
-    interrupted: bool = False
-    history: list[dict] = field(default_factory=list)
 
 
 def checkpoint_blocks(model: nn.Module) -> None:
@@ -84,7 +68,8 @@ def make_step(model: nn.Module, optimizer: optim.Optimizer, loss_fn: LossFn, max
 
     @partial(mx.compile, inputs=state, outputs=state)
     def update(grad_sum, total_weight):
-        grad = tree_map(lambda g: g / total_weight, grad_sum)
+        # data parallel: each rank holds the weighted sum over its rows; total_weight is already global
+        grad = tree_map(lambda g: g / total_weight, tree_map(dist.all_sum, grad_sum))
         grad, norm = optim.clip_grad_norm(grad, max_grad_norm or float("inf"))
         optimizer.update(model, grad)
         return norm
@@ -108,35 +93,6 @@ def evaluate_loss(model: nn.Module, loss_fn: LossFn, batches: list[tuple]) -> tu
     return total / weight_sum, {k: v / weight_sum for k, v in aux_sum.items()}
 
 
-class _Interrupt:
-    """Turn Ctrl-C / SIGTERM into a flag the loop checks, so it can checkpoint before exiting."""
-
-    def __init__(self) -> None:
-        self.hit = False
-
-    def __enter__(self):
-        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.hit:  # a second Ctrl-C aborts at once
-            raise KeyboardInterrupt
-        self.hit = True
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
-
-
-def _progress(phase: str, step: int, total: int, loss: float, lr: float, tps: float, peak_gb: float) -> None:
-    bar_len = 24
-    filled = int(bar_len * step / max(total, 1))
-    line = (f"[{phase}] {step:>5d}/{total} |{'#' * filled}{'.' * (bar_len - filled)}| loss {loss:.4f} "
-            f"lr {lr:.2e} {tps:,.0f} tok/s peak {peak_gb:.2f} GB")
-    end = "\r" if sys.stdout.isatty() else "\n"
-    print(line, end=end, flush=True)
-
-
 def train_loop(
     model: nn.Module,
     optimizer: optim.Optimizer,
@@ -157,15 +113,16 @@ def train_loop(
     State restored by the caller (checkpoint.load_into) must be in place before this is called, since the
     compiled step captures the model, optimizer and RNG state here.
     """
-    log = MetricsLog(Path(run_dir) / "metrics.jsonl")
+    main = dist.is_main()  # data parallel: rank 0 alone writes metrics, checkpoints and progress
+    log = MetricsLog(Path(run_dir) / "metrics.jsonl") if main else None
     micro, update, state = make_step(model, optimizer, loss_fn, spec.max_grad_norm)
     memory_limit = device_memory_bytes() * spec.memory_alert
     warned = False
     result = LoopResult(start_step, float("nan"))
-    window = {"loss": 0.0, "weight": 0.0, "tokens": 0, "time": 0.0, "aux": {}}
+    window = new_window()
     bad_in_row = 0
     model.train()
-    with _Interrupt() as interrupt:
+    with Interrupt() as interrupt:
         step = start_step
         while step < spec.steps:
             tic = time.perf_counter()
@@ -179,12 +136,16 @@ def train_loop(
                 tokens += real_tokens
                 for key, value in aux.items():
                     aux_sum[key] = aux_sum.get(key, 0.0) + value.item()
+            loss_sum, total_weight, tokens, stop, *aux_values = dist.sum_floats(
+                loss_sum, total_weight, tokens, float(interrupt.hit), *aux_sum.values())
+            aux_sum = dict(zip(aux_sum, aux_values))
             step_loss = loss_sum / max(total_weight, 1e-9)
             if not math.isfinite(step_loss) or total_weight == 0:
                 bad_in_row += 1
-                log.write({"phase": spec.phase, "step": step + 1, "event": "skipped_nonfinite_loss",
-                           "loss": str(step_loss)})
-                print(f"\n[{spec.phase}] step {step + 1}: non-finite loss ({step_loss}); update skipped")
+                if main:
+                    log.write({"phase": spec.phase, "step": step + 1, "event": "skipped_nonfinite_loss",
+                               "loss": str(step_loss)})
+                    print(f"\n[{spec.phase}] step {step + 1}: non-finite loss ({step_loss}); update skipped")
                 if bad_in_row >= spec.max_bad_steps:
                     raise ForgeError(
                         f"{bad_in_row} non-finite losses in a row; stopped with the last good checkpoint intact",
@@ -196,53 +157,38 @@ def train_loop(
             mx.eval(state, grad_norm)
             step += 1
             result.steps_done, result.last_loss = step, step_loss
-            window["loss"] += loss_sum
-            window["weight"] += total_weight
-            window["tokens"] += tokens
-            window["time"] += time.perf_counter() - tic
-            for key, value in aux_sum.items():
-                window["aux"][key] = window["aux"].get(key, 0.0) + value
+            add_to_window(window, loss_sum, total_weight, int(tokens), time.perf_counter() - tic, aux_sum)
             peak = mx.get_peak_memory()
-            if memory_limit and peak > memory_limit and not warned:
+            if main and memory_limit and peak > memory_limit and not warned:
                 warned = True
-                print(f"\nWARNING: peak memory {peak / 2**30:.2f} GB is over {spec.memory_alert:.0%} of the device's "
-                      f"{device_memory_bytes() / 2**30:.1f} GB: {spec.memory_hint}")
+                print(f"\nWARNING: peak memory {peak / 2**30:.2f} GB is over {spec.memory_alert:.0%} of the "
+                      f"device's {device_memory_bytes() / 2**30:.1f} GB: {spec.memory_hint}")
             if step % spec.steps_per_report == 0 or step == spec.steps:
-                record = {**_report(spec, step, optimizer, window, peak, grad_norm.item()), **extra_report()}
-                log.write(record)
+                record = {**report_record(spec, step, optimizer.learning_rate.item(), window, peak,
+                                          grad_norm.item()), **extra_report()}
                 result.history.append(record)
-                _progress(spec.phase, step, spec.steps, record["loss"], record["lr"], record["tokens_per_s"],
-                          peak / 2**30)
-                window = {"loss": 0.0, "weight": 0.0, "tokens": 0, "time": 0.0, "aux": {}}
+                if main:
+                    log.write(record)
+                    progress(spec.phase, step, spec.steps, record["loss"], record["lr"], record["tokens_per_s"],
+                             peak / 2**30)
+                window = new_window()
             if val_batches and spec.val_batches and (step % spec.steps_per_eval == 0 or step == spec.steps):
                 val_loss, val_aux = evaluate_loss(model, loss_fn, val_batches())
                 model.train()
                 record = {"phase": spec.phase, "step": step, "val_loss": val_loss,
                           **{f"val_{k}": v for k, v in val_aux.items()}}
-                log.write(record)
                 result.history.append(record)
-                print(f"\n[{spec.phase}] step {step}: val loss {val_loss:.4f}", flush=True)
-            if step % spec.save_every == 0 or step == spec.steps or interrupt.hit:
+                if main:
+                    log.write(record)
+                    print(f"\n[{spec.phase}] step {step}: val loss {val_loss:.4f}", flush=True)
+            if main and (step % spec.save_every == 0 or step == spec.steps or stop):
                 ckpt.save_checkpoint(run_dir, spec.phase, step, adapter_weights(), optimizer,
                                      {"data": data_state(), "loss": step_loss})
-            if interrupt.hit:
-                print(f"\n[{spec.phase}] interrupted: checkpoint written at step {step}; continue with --resume")
+            if stop:
+                if main:
+                    print(f"\n[{spec.phase}] interrupted: checkpoint written at step {step}; continue with --resume")
                 result.interrupted = True
                 break
-    print()
+    if main:
+        print()
     return result
-
-
-def _report(spec: LoopSpec, step: int, optimizer, window: dict, peak: int, grad_norm: float) -> dict:
-    weight = max(window["weight"], 1e-9)
-    seconds = max(window["time"], 1e-9)
-    return {
-        "phase": spec.phase,
-        "step": step,
-        "loss": window["loss"] / weight,
-        "lr": optimizer.learning_rate.item(),
-        "grad_norm": grad_norm,
-        "tokens_per_s": window["tokens"] / seconds,
-        "peak_memory_gb": peak / 2**30,
-        **{key: value / weight for key, value in window["aux"].items()},
-    }

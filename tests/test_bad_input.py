@@ -23,7 +23,7 @@ import forge_mlx.models as models
 from forge_mlx.checkpoint import list_checkpoints
 from forge_mlx.cli import main
 from forge_mlx.config import load_config, save_config
-from forge_mlx.models import HUB_PATTERNS, PICKLED, is_hub_id
+from forge_mlx.model_files import HUB_PATTERNS, PICKLED, is_hub_id
 
 
 @pytest.fixture(scope="module")
@@ -365,9 +365,8 @@ def test_hub_id_while_offline(capsys, tmp_path, monkeypatch):
         (["adapter.targets=[q_proj, qkv_proj]"], "target 'qkv_proj' matches no linear layer in model.layers"),
         (["adapter.rank_pattern={layers.9.self_attn.q_proj: 2}"],
          "rank_pattern: key 'layers.9.self_attn.q_proj' matches no adapted layer"),
-        (["backend=torch"], "the torch backend is not available in this version"),
     ],
-    ids=["rank-too-large", "rank-zero", "group-size", "unknown-target", "rank-pattern-key", "torch-backend"],
+    ids=["rank-too-large", "rank-zero", "group-size", "unknown-target", "rank-pattern-key"],
 )  # fmt: skip
 def test_adapter_settings_that_do_not_fit_the_model(capsys, tiny, tmp_path, overrides, part):
     assert_error(capsys, ["train", train_yaml(tiny, tmp_path, *overrides)], part)

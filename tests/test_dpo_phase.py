@@ -10,8 +10,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from forge_mlx import checkpoint as ckpt
-from forge_mlx import dpo, pipeline, train
+from forge_mlx import dpo, pipeline, run_files, train
 from forge_mlx.adapters import load_adapter_weights
 from forge_mlx.data.jsonl import load_split
 from forge_mlx.data.preference import encode_preference_split
@@ -108,7 +107,7 @@ def test_resume_reuses_the_reference_log_probs(root, monkeypatch):
         with pytest.raises(Crash):
             run_training(helpers.tiny_config(root, "dpo_cut", *extra), log=helpers.quiet)
     run = root / "dpo_cut"
-    digest = ckpt.sha256(run / dpo.REFERENCE_FILE)
+    digest = run_files.sha256(run / dpo.REFERENCE_FILE)
     shutil.copy(run / dpo.REFERENCE_FILE, root / "reference_before")
 
     def no_recompute(*args, **kwargs):
@@ -118,7 +117,7 @@ def test_resume_reuses_the_reference_log_probs(root, monkeypatch):
     log = []
     run_training(helpers.tiny_config(root, "dpo_cut", *extra), resume=True, log=log.append)
     assert "  resumed dpo from dpo-000004 (step 4)" in log
-    assert ckpt.sha256(run / dpo.REFERENCE_FILE) == digest
+    assert run_files.sha256(run / dpo.REFERENCE_FILE) == digest
     want, got = helpers.losses(root / "dpo_full", "dpo"), helpers.losses(run, "dpo")
     assert sorted(got) == list(range(1, 7))
     assert max(abs(got[s] - want[s]) for s in want) <= 1e-5  # bit-exact replay measured; see test_resume.py

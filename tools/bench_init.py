@@ -15,13 +15,13 @@ import bench_common as bc
 
 THREADS = bc.pin_threads()  # before mlx / torch load their thread pools
 
-import forge_mlx  # noqa: E402,F401  (preloads OpenBLAS before mlx)
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 import numpy as np  # noqa: E402
 from bench_common import ROOT, header, interleaved, machine, median, ratio, table, timed, write_results  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
+import forge_mlx  # noqa: E402,F401  (preloads OpenBLAS before mlx)
 from forge_mlx.adapters import TARGET_PRESETS, apply_adapters, build_adapter  # noqa: E402
 from forge_mlx.models import load_model  # noqa: E402
 from forge_mlx.pissa import principal_svd, qpissa  # noqa: E402

@@ -20,10 +20,11 @@ import bench_common as bc
 
 THREADS = bc.pin_threads()  # before mlx / torch load their thread pools
 
-import forge_mlx  # noqa: E402,F401  (preloads OpenBLAS before mlx)
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 from bench_common import ROOT, emit, header, machine, median, ratio, run_worker, table, write_results  # noqa: E402
+
+import forge_mlx  # noqa: E402,F401  (preloads OpenBLAS before mlx)
 
 HF_MODEL = ROOT / "models" / "SmolLM2-135M-Instruct"
 MLX_4BIT = ROOT / "bench_results" / "models" / "SmolLM2-135M-Instruct-4bit-g64"
@@ -203,9 +204,9 @@ def target_names(targets: str) -> list[str]:
 
 def worker_quality(spec: dict) -> dict:
     """Validation loss of forge-mlx SFT from one init: before training, halfway and at the end."""
+    from forge_mlx.data.batching import eval_batches
     from forge_mlx.pipeline import sft_arrays, sft_loss_fn
     from forge_mlx.train import evaluate_loss
-    from forge_mlx.data.batching import eval_batches
 
     with tempfile.TemporaryDirectory() as run_dir:
         model, tokenizer, _ = forge_model(spec, run_dir)

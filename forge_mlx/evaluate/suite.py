@@ -22,7 +22,8 @@ from forge_mlx.evaluate.generate import generation_prompts, greedy_replies
 from forge_mlx.evaluate.measures import EXTRACTORS, completion_loss, matches, perplexity, preference_scores
 from forge_mlx.losses import sft_loss
 from forge_mlx.models import load_model
-from forge_mlx.pipeline import RESOLVED_CONFIG, sft_arrays
+from forge_mlx.pipeline import sft_arrays
+from forge_mlx.run_files import RESOLVED_CONFIG
 from forge_mlx.runs import load_run, run_config
 
 MEASURES = {"loss": "sft", "generate": "sft", "preference": "preference"}  # measure -> the data kind it needs

@@ -19,8 +19,8 @@ from forge_mlx.export.hf import EXPORT_DTYPES, base_dtype, export_hf, parse_size
 from forge_mlx.export.hub import push_to_hub
 from forge_mlx.export.mlx_lm import export_mlx_lm
 from forge_mlx.export.peft import export_peft
-from forge_mlx.models import is_hub_id, resolve_model_path
-from forge_mlx.pipeline import INIT_ADAPTERS
+from forge_mlx.model_files import is_hub_id, resolve_model_path
+from forge_mlx.run_files import INIT_ADAPTERS
 from forge_mlx.runs import adapter_meta, load_run, run_config, trained_adapters_file
 
 FORMATS = ("hf", "peft", "mlx-lm")

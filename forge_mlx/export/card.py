@@ -11,7 +11,7 @@ import yaml
 
 from forge_mlx.config import Config, to_dict
 from forge_mlx.metrics_log import read_metrics
-from forge_mlx.models import is_hub_id
+from forge_mlx.model_files import is_hub_id
 
 LIBRARY = {"hf": "transformers", "peft": "peft", "mlx-lm": "mlx"}
 PAPERS = {

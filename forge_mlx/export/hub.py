@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 from forge_mlx.errors import ForgeError
-from forge_mlx.models import is_hub_id
+from forge_mlx.model_files import is_hub_id
 
 
 def upload_plan(folder: Path) -> list[tuple[str, int]]:
