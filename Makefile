@@ -43,6 +43,7 @@ setup: fast-blas $(VENV)/.dev $(MODEL_DIR)/forge_import.json ## Create .venv wit
 
 demo: fast-blas $(VENV)/.base $(MODEL_DIR)/forge_import.json ## SFT -> DPO on SmolLM2 with the sample data, then base-vs-tuned table
 	$(BIN)/forge-mlx info $(MODEL_DIR) --config configs/demo.yaml
+	rm -rf runs/demo  # the demo starts fresh each time
 	$(BIN)/forge-mlx train configs/demo.yaml
 	$(BIN)/forge-mlx eval runs/demo --data data/sft --data data/dpo/valid.jsonl --split test
 

@@ -29,9 +29,7 @@ INIT_PATTERN = re.compile(r"pissa(?:_niter_(\d+))?|lora")
 class PiSSALinear(nn.Module):
     """y = residual(x) + scale * (x @ lora_a) @ lora_b; residual is W minus its principal part (PiSSA)."""
 
-    def __init__(
-        self, residual: nn.Module, lora_a: mx.array, lora_b: mx.array, scale: float, dropout: float = 0.0
-    ):
+    def __init__(self, residual: nn.Module, lora_a: mx.array, lora_b: mx.array, scale: float, dropout: float = 0.0):
         super().__init__()
         self.residual = residual
         self.residual.freeze()
@@ -66,16 +64,12 @@ class PiSSALinear(nn.Module):
         return fused
 
 
-def _check_options(
-    shape: tuple[int, int], rank: int, alpha: float, init: str, residual: str, iters: int, name: str
-):
+def _check_options(shape: tuple[int, int], rank: int, alpha: float, init: str, residual: str, iters: int, name: str):
     where = name or None
     if INIT_PATTERN.fullmatch(init) is None:
         raise ForgeError(f"unknown init '{init}'", where=where, hint="use pissa, pissa_niter_N or lora")
     if residual not in RESIDUAL_KINDS:
-        raise ForgeError(
-            f"unknown residual '{residual}'", where=where, hint=f"use one of {', '.join(RESIDUAL_KINDS)}"
-        )
+        raise ForgeError(f"unknown residual '{residual}'", where=where, hint=f"use one of {', '.join(RESIDUAL_KINDS)}")
     if not 1 <= rank <= min(shape):
         raise ForgeError(
             f"rank {rank} does not fit a {shape} layer",
@@ -119,9 +113,7 @@ def build_adapter(
     alpha = 2.0 * rank if alpha is None else alpha
     _check_options((out_dims, in_dims), rank, alpha, init, residual, qpissa_iters, name)
     scale = alpha / rank
-    quant = dict(
-        group_size=group_size, bits=bits, blocksize=blocksize, double_quant=double_quant, dtype=dtype
-    )
+    quant = dict(group_size=group_size, bits=bits, blocksize=blocksize, double_quant=double_quant, dtype=dtype)
     errors: list[float] = []
     if init == "lora":
         lora_a, lora_b = lora_factors(in_dims, out_dims, rank, seed)
@@ -133,9 +125,7 @@ def build_adapter(
             lora_a, lora_b, residual_weight = pissa_factors(weight, rank, scale, niter, seed)
         else:
             round_trip = lambda w: quantize_dequantize(w, residual, name=name, **quant)
-            lora_a, lora_b, residual_weight, errors = qpissa(
-                weight, rank, scale, round_trip, qpissa_iters, niter, seed
-            )
+            lora_a, lora_b, residual_weight, errors = qpissa(weight, rank, scale, round_trip, qpissa_iters, niter, seed)
     base = make_residual(residual_weight, residual, bias=linear.get("bias"), name=name, **quant)
     return PiSSALinear(base, lora_a, lora_b, scale, dropout), errors
 
@@ -148,9 +138,7 @@ def find_targets(model: nn.Module, targets: str | Sequence[str]) -> list[str]:
     if isinstance(targets, str):
         if targets not in TARGET_PRESETS:
             presets = " or ".join(TARGET_PRESETS)
-            raise ForgeError(
-                f"unknown target preset '{targets}'", hint=f"use {presets} or a list of layer names"
-            )
+            raise ForgeError(f"unknown target preset '{targets}'", hint=f"use {presets} or a list of layer names")
         targets = TARGET_PRESETS[targets]
     layer_ids = {id(layer) for layer in model.layers}
     blocks = [(path, m) for path, m in model.named_modules() if id(m) in layer_ids]
@@ -254,8 +242,7 @@ def load_adapter_weights(model: nn.Module, weights: dict[str, mx.array]) -> None
     if missing or unexpected:
         first = f"missing '{missing[0]}'" if missing else f"unexpected '{unexpected[0]}'"
         raise ForgeError(
-            f"adapter weights do not match the model: {first} "
-            f"({len(missing)} missing, {len(unexpected)} unexpected)",
+            f"adapter weights do not match the model: {first} ({len(missing)} missing, {len(unexpected)} unexpected)",
             hint="load them into a model adapted with the same targets",
         )
     for key, value in weights.items():

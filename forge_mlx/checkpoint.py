@@ -41,7 +41,12 @@ def save_arrays(path: Path, arrays: dict[str, mx.array], metadata: dict[str, str
 
 
 def save_checkpoint(
-    run_dir: Path, phase: str, step: int, adapters: dict[str, mx.array], optimizer, state: dict[str, Any],
+    run_dir: Path,
+    phase: str,
+    step: int,
+    adapters: dict[str, mx.array],
+    optimizer,
+    state: dict[str, Any],
     keep: int = 3,
 ) -> Path:
     """Adapters, optimizer state and RNG key as one atomic checkpoint; the newest `keep` of the phase stay."""

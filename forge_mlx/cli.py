@@ -23,7 +23,13 @@ def cli(debug: bool) -> None:
 
 @cli.command()
 @click.argument("config_file", type=click.Path(dir_okay=False))
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key, e.g. train.lr=1e-4.")
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a config key, e.g. train.lr=1e-4.",
+)
 @click.option("--resume", is_flag=True, help="Continue from the run directory's last good checkpoint.")
 def train(config_file: str, overrides: tuple[str, ...], resume: bool) -> None:
     """Train adapters: SFT, then DPO when the config enables it."""
@@ -59,8 +65,10 @@ def info(model: str, config_file: str | None, overrides: tuple[str, ...], as_jso
     if as_json:
         click.echo(json.dumps(facts, indent=2))
         return
-    click.echo(f"{model}: {facts['architecture']}, {facts['parameters'] / 1e6:.1f} M parameters, "
-               f"{facts['layers']} layers, hidden {facts['hidden_size']}, vocab {facts['vocab_size']}")
+    click.echo(
+        f"{model}: {facts['architecture']}, {facts['parameters'] / 1e6:.1f} M parameters, "
+        f"{facts['layers']} layers, hidden {facts['hidden_size']}, vocab {facts['vocab_size']}"
+    )
     click.echo("targetable linear layers (per block):")
     for name, target in facts["targets"].items():
         click.echo(f"  {name:10s} x{target['count']:<3d} (out, in) = {tuple(target['shape'])}")
@@ -107,25 +115,56 @@ def default_model(models_dir: str) -> None:
 
 @cli.command("eval")
 @click.argument("model_or_run")
-@click.option("--data", "data", multiple=True, required=True, metavar="FILE_OR_FOLDER",
-              help="Held-out SFT data (loss, generate) and/or preference data (preference); repeatable.")
+@click.option(
+    "--data",
+    "data",
+    multiple=True,
+    required=True,
+    metavar="FILE_OR_FOLDER",
+    help="Held-out SFT data (loss, generate) and/or preference data (preference); repeatable.",
+)
 @click.option("--adapter", metavar="RUN", help="With a base MODEL: also score this run's trained adapters.")
 @click.option("--compare", multiple=True, metavar="RUN_OR_MODEL", help="Another column; repeatable.")
-@click.option("--split", type=click.Choice(["train", "valid", "test"]), default="test", show_default=True,
-              help="Which file of a data folder.")
-@click.option("--measures", metavar="LIST",
-              help="Comma list of loss,generate,preference (default: all the data allows).")
-@click.option("--extractor", type=click.Choice(["exact", "last-number", "first-line"]), default="exact",
-              show_default=True, help="What part of a generated reply is compared with the reference.")
-@click.option("--max-tokens", type=click.IntRange(1), default=32, show_default=True,
-              help="New tokens per reply.")
+@click.option(
+    "--split",
+    type=click.Choice(["train", "valid", "test"]),
+    default="test",
+    show_default=True,
+    help="Which file of a data folder.",
+)
+@click.option(
+    "--measures",
+    metavar="LIST",
+    help="Comma list of loss,generate,preference (default: all the data allows).",
+)
+@click.option(
+    "--extractor",
+    type=click.Choice(["exact", "last-number", "first-line"]),
+    default="exact",
+    show_default=True,
+    help="What part of a generated reply is compared with the reference.",
+)
+@click.option("--max-tokens", type=click.IntRange(1), default=32, show_default=True, help="New tokens per reply.")
 @click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True)
 @click.option("--limit", type=click.IntRange(1), help="Use the first N rows of each data file.")
-@click.option("--out", type=click.Path(dir_okay=False),
-              help="Report JSON path (.md, .png beside it); default RUN/ or ./eval_report.json.")
-def eval_command(model_or_run: str, data: tuple[str, ...], adapter: str | None, compare: tuple[str, ...],
-                 split: str, measures: str | None, extractor: str, max_tokens: int, batch_size: int,
-                 limit: int | None, out: str | None) -> None:
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False),
+    help="Report JSON path (.md, .png beside it); default RUN/ or ./eval_report.json.",
+)
+def eval_command(
+    model_or_run: str,
+    data: tuple[str, ...],
+    adapter: str | None,
+    compare: tuple[str, ...],
+    split: str,
+    measures: str | None,
+    extractor: str,
+    max_tokens: int,
+    batch_size: int,
+    limit: int | None,
+    out: str | None,
+) -> None:
     """Score a base model (or a run's base) and tuned adapters side by side: loss/perplexity, exact match,
     preference accuracy; print the table and write it as JSON, Markdown and PNG."""
     from forge_mlx.evaluate import format_table
@@ -133,32 +172,68 @@ def eval_command(model_or_run: str, data: tuple[str, ...], adapter: str | None, 
 
     options = EvalOptions(
         measures=tuple(m.strip() for m in measures.split(",") if m.strip()) if measures else None,
-        extractor=extractor, max_tokens=max_tokens, batch_size=batch_size, limit=limit, split=split,
+        extractor=extractor,
+        max_tokens=max_tokens,
+        batch_size=batch_size,
+        limit=limit,
+        split=split,
     )
-    report, paths = run_eval(model_or_run, data, adapter=adapter, compare=compare, options=options, out=out,
-                             log=lambda line: click.echo(line, err=True))
+    report, paths = run_eval(
+        model_or_run,
+        data,
+        adapter=adapter,
+        compare=compare,
+        options=options,
+        out=out,
+        log=lambda line: click.echo(line, err=True),
+    )
     click.echo(format_table(report))
     click.echo("written: " + ", ".join(str(p) for p in paths.values()), err=True)
 
 
 @cli.command("export")
 @click.argument("run_dir", type=click.Path(file_okay=False))
-@click.option("--format", "fmt", type=click.Choice(["hf", "peft", "mlx-lm"]), required=True,
-              help="hf: merged model; peft / mlx-lm: a LoRA adapter for the original base.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["hf", "peft", "mlx-lm"]),
+    required=True,
+    help="hf: merged model; peft / mlx-lm: a LoRA adapter for the original base.",
+)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True, help="Folder to write.")
-@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]),
-              help="Weight dtype (default: the base's for hf, float32 for adapters).")
+@click.option(
+    "--dtype",
+    type=click.Choice(["float16", "bfloat16", "float32"]),
+    help="Weight dtype (default: the base's for hf, float32 for adapters).",
+)
 @click.option("--shard-size", default="5GB", show_default=True, help="hf: largest safetensors file.")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out folder.")
 @click.option("--push-to-hub", "repo", metavar="REPO", help="Upload to this hub repo (token: HF_TOKEN).")
 @click.option("--dry-run", is_flag=True, help="List what --push-to-hub would upload.")
-def export_command(run_dir: str, fmt: str, out_dir: str, dtype: str | None, shard_size: str, force: bool,
-                   repo: str | None, dry_run: bool) -> None:
+def export_command(
+    run_dir: str,
+    fmt: str,
+    out_dir: str,
+    dtype: str | None,
+    shard_size: str,
+    force: bool,
+    repo: str | None,
+    dry_run: bool,
+) -> None:
     """Export a run: merged Hugging Face weights, or a PEFT / mlx-lm LoRA adapter, with a model card."""
     from forge_mlx.export import export_run
 
-    export_run(run_dir, fmt, out_dir, dtype=dtype, shard_size=shard_size, force=force, push_to_hub_repo=repo,
-               dry_run=dry_run, log=click.echo)
+    export_run(
+        run_dir,
+        fmt,
+        out_dir,
+        dtype=dtype,
+        shard_size=shard_size,
+        force=force,
+        push_to_hub_repo=repo,
+        dry_run=dry_run,
+        log=click.echo,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

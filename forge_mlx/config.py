@@ -30,10 +30,13 @@ def _opt(default: Any, help: str, **checks: Any) -> Any:
 class AdapterConfig:
     init: str = _opt("pissa", "pissa (full SVD), pissa_niter_N (randomized, N power iterations) or lora")
     rank: int = _opt(64, "adapter rank r", min=1)
-    alpha: float = _opt(128.0, "scaling = alpha / rank (PiSSA divides it out, so init is exact for any alpha)",
-                        min_exclusive=0)
+    alpha: float = _opt(
+        128.0,
+        "scaling = alpha / rank (PiSSA divides it out, so init is exact for any alpha)",
+        min_exclusive=0,
+    )
     dropout: float = _opt(0.0, "dropout on the adapter input", min=0, max=1)
-    targets: Union[str, list[str]] = _opt(
+    targets: str | list[str] = _opt(
         "attention", "attention (q/k/v/o), all-linear, or a list of module names such as [q_proj, v_proj]"
     )
     rank_pattern: dict[str, int] = _opt(dict, "per-layer rank overrides: {'layers.0.self_attn.q_proj': 16}")
@@ -44,17 +47,19 @@ class AdapterConfig:
     double_quant: bool = _opt(True, "NF4 double quantization of the absmax (8-bit, blocks of 256)")
     qpissa_iters: int = _opt(1, "QPiSSA alternations of SVD and quantization (paper, appendix E)", min=1)
     cpu_dequant_cache: bool = _opt(
-        True, "on a CPU device, forward 4-bit layers through a dequantized copy (BLAS speed, full-precision memory)"
+        True,
+        "on a CPU device, forward 4-bit layers through a dequantized copy (BLAS speed, full-precision memory)",
     )
 
 
 @dataclass
 class DataConfig:
-    train: Union[str, None] = _opt(None, "JSONL file, or a folder with train/valid/test.jsonl")
-    valid: Union[str, None] = _opt(None, "held-out JSONL (default: valid.jsonl beside train, when present)")
+    train: str | None = _opt(None, "JSONL file, or a folder with train/valid/test.jsonl")
+    valid: str | None = _opt(None, "held-out JSONL (default: valid.jsonl beside train, when present)")
     mask_prompt: bool = _opt(True, "loss on completion tokens only")
-    supervise: str = _opt("all_assistant", "which assistant turns carry loss",
-                          choices=("all_assistant", "last_assistant"))
+    supervise: str = _opt(
+        "all_assistant", "which assistant turns carry loss", choices=("all_assistant", "last_assistant")
+    )
     max_seq_length: int = _opt(2048, "longer sequences are truncated or dropped", min=8)
     overlong: str = _opt("truncate", "what to do with over-long sequences", choices=("truncate", "drop"))
     skip_bad_rows: bool = _opt(False, "skip and count invalid preference rows instead of failing")
@@ -62,8 +67,8 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    steps: Union[int, None] = _opt(None, "optimizer steps (set steps or epochs; default 1 epoch)", min=1)
-    epochs: Union[float, None] = _opt(None, "passes over the training data", min_exclusive=0)
+    steps: int | None = _opt(None, "optimizer steps (set steps or epochs; default 1 epoch)", min=1)
+    epochs: float | None = _opt(None, "passes over the training data", min_exclusive=0)
     batch_size: int = _opt(4, "sequences per micro-batch", min=1)
     grad_accum: int = _opt(4, "micro-batches per optimizer step", min=1)
     lr: float = _opt(2e-4, "peak learning rate", min_exclusive=0)
@@ -72,7 +77,7 @@ class TrainConfig:
     weight_decay: float = _opt(0.0, "AdamW weight decay", min=0)
     max_grad_norm: float = _opt(1.0, "gradient clipping by global norm (0 disables)", min=0)
     grad_checkpoint: bool = _opt(True, "recompute each transformer block in the backward pass")
-    loss_chunk_size: Union[int, None] = _opt(None, "compute the loss over the vocabulary in sequence chunks", min=1)
+    loss_chunk_size: int | None = _opt(None, "compute the loss over the vocabulary in sequence chunks", min=1)
     steps_per_report: int = _opt(10, "steps between progress records", min=1)
     steps_per_eval: int = _opt(50, "steps between validation passes", min=1)
     val_batches: int = _opt(8, "batches per validation pass (0 disables validation)", min=0)
@@ -83,13 +88,13 @@ class TrainConfig:
 @dataclass
 class DPOConfig:
     enabled: bool = _opt(False, "run DPO after SFT in the same `forge-mlx train`")
-    data: Union[str, None] = _opt(None, "preference JSONL, or a folder with train/valid.jsonl")
+    data: str | None = _opt(None, "preference JSONL, or a folder with train/valid.jsonl")
     beta: float = _opt(0.1, "DPO temperature", min_exclusive=0)
     loss: str = _opt("sigmoid", "DPO loss", choices=("sigmoid", "ipo", "hinge", "robust"))
     label_smoothing: float = _opt(0.0, "robust / conservative DPO label noise", min=0, max=0.49)
     lr: float = _opt(5e-5, "peak learning rate", min_exclusive=0)
-    steps: Union[int, None] = _opt(None, "optimizer steps (default 1 epoch)", min=1)
-    epochs: Union[float, None] = _opt(None, "passes over the preference data", min_exclusive=0)
+    steps: int | None = _opt(None, "optimizer steps (default 1 epoch)", min=1)
+    epochs: float | None = _opt(None, "passes over the preference data", min_exclusive=0)
     batch_size: int = _opt(2, "preference pairs per micro-batch", min=1)
     grad_accum: int = _opt(4, "micro-batches per optimizer step", min=1)
     warmup_steps: int = _opt(5, "linear warmup steps", min=0)
@@ -97,10 +102,11 @@ class DPOConfig:
 
 @dataclass
 class MemoryConfig:
-    alert_threshold: float = _opt(0.80, "warn when peak memory passes this fraction of device memory",
-                                  min_exclusive=0, max=1)
+    alert_threshold: float = _opt(
+        0.80, "warn when peak memory passes this fraction of device memory", min_exclusive=0, max=1
+    )
     wired_limit: bool = _opt(True, "on macOS, wire the model's memory (mx.set_wired_limit)")
-    cache_limit_gb: Union[float, None] = _opt(None, "MLX buffer-cache cap so memory does not creep", min=0)
+    cache_limit_gb: float | None = _opt(None, "MLX buffer-cache cap so memory does not creep", min=0)
 
 
 @dataclass
@@ -108,8 +114,11 @@ class Config:
     model: str = _opt("models/SmolLM2-135M-Instruct", "hub id or local folder (HF layout, safetensors)")
     output_dir: str = _opt("runs/default", "run directory: config, metrics, checkpoints, adapters")
     backend: str = _opt("auto", "auto (MLX where it works, else torch), mlx or torch", choices=("auto", "mlx", "torch"))
-    dtype: str = _opt("auto", "compute dtype; auto = float32 on CPU, bfloat16 on GPU",
-                      choices=("auto", "float32", "bfloat16", "float16"))
+    dtype: str = _opt(
+        "auto",
+        "compute dtype; auto = float32 on CPU, bfloat16 on GPU",
+        choices=("auto", "float32", "bfloat16", "float16"),
+    )
     seed: int = _opt(0, "seed for init, shuffling and dropout")
     adapter: AdapterConfig = _opt(AdapterConfig, "adapter and residual")
     data: DataConfig = _opt(DataConfig, "SFT data")
@@ -193,8 +202,7 @@ def _build(cls: type, values: dict, prefix: str, places: dict[str, str], source:
     for key, value in values.items():
         dotted = f"{prefix}{key}"
         # an override of a sub-key (`--set model.x=1`) locates an error on its parent key too
-        where = places.get(dotted) or next((w for k, w in places.items() if k.startswith(f"{dotted}.")),
-                                           source)
+        where = places.get(dotted) or next((w for k, w in places.items() if k.startswith(f"{dotted}.")), source)
         if key not in fields:
             nearest = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f"did you mean '{prefix}{nearest[0]}'?" if nearest else f"valid keys: {', '.join(fields)}"
@@ -236,8 +244,10 @@ def _yaml_with_lines(text: str, source: str) -> tuple[dict, dict[str, int]]:
         for key_node, value_node in mapping.value:
             dotted = f"{prefix}{key_node.value}"
             if dotted in lines:  # YAML keeps the last silently, which would drop the first section whole
-                raise ForgeError(f"duplicate key '{dotted}' (first on line {lines[dotted]})",
-                                 where=f"{source}:{key_node.start_mark.line + 1}")
+                raise ForgeError(
+                    f"duplicate key '{dotted}' (first on line {lines[dotted]})",
+                    where=f"{source}:{key_node.start_mark.line + 1}",
+                )
             lines[dotted] = key_node.start_mark.line + 1
             if isinstance(value_node, yaml.MappingNode):
                 walk(value_node, f"{dotted}.")
@@ -295,7 +305,8 @@ def _check_consistency(config: Config, source: str) -> Config:
     init = config.adapter.init
     if init not in ("pissa", "lora") and not (init.startswith("pissa_niter_") and init[12:].isdigit()):
         raise ForgeError(
-            f"'adapter.init' is {init!r}; expected pissa, pissa_niter_N (e.g. pissa_niter_4) or lora", where=source
+            f"'adapter.init' is {init!r}; expected pissa, pissa_niter_N (e.g. pissa_niter_4) or lora",
+            where=source,
         )
     if config.dpo.enabled and not config.dpo.data:
         raise ForgeError("'dpo.enabled' is true but 'dpo.data' is not set", where=source)
@@ -332,4 +343,3 @@ def reference(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             rows.append((f"{prefix}{f.name}", repr(default), f.metadata.get("help", "")))
     return rows
-

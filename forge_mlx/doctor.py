@@ -66,8 +66,12 @@ def format_report(info: dict) -> str:
     lines = [f"{key:20s} {value}" for key, value in info.items() if key != "torch"]
     torch = info["torch"]
     lines.append(
-        f"{'torch':20s} " + (f"{torch['version']} ({torch['device']})" if torch["installed"] else "not installed "
-                             "(optional: pip install 'forge-mlx[torch]')")
+        f"{'torch':20s} "
+        + (
+            f"{torch['version']} ({torch['device']})"
+            if torch["installed"]
+            else "not installed (optional: pip install 'forge-mlx[torch]')"
+        )
     )
     if not fastblas.status().loaded and info["device"] == "cpu":
         lines.append("WARNING: MLX runs on the bundled reference BLAS (~30x slower matmul). " + info["blas_note"])

@@ -57,9 +57,7 @@ def preload() -> BlasStatus:
     elif "mlx.core" in sys.modules:
         _status = BlasStatus(False, None, "mlx was imported before forge_mlx; import forge_mlx first")
     elif (found := find_fast_blas()) is None:
-        _status = BlasStatus(
-            False, None, "no OpenBLAS found (Debian/Ubuntu: apt-get install libopenblas0-pthread)"
-        )
+        _status = BlasStatus(False, None, "no OpenBLAS found (Debian/Ubuntu: apt-get install libopenblas0-pthread)")
     else:
         try:
             for lib in found:

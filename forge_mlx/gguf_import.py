@@ -171,9 +171,7 @@ def llama_config(metadata: dict[str, Any], vocab_size: int, tied: bool, dtype: s
     if metadata.get(arch + "rope.dimension_count", head_dim) != head_dim:
         raise ForgeError("partial rotary embeddings are not supported by LlamaForCausalLM", where=str(path))
     if metadata.get(arch + "rope.scaling.type", "none") != "none":
-        raise ForgeError(
-            f"rope scaling '{metadata[arch + 'rope.scaling.type']}' is not supported", where=str(path)
-        )
+        raise ForgeError(f"rope scaling '{metadata[arch + 'rope.scaling.type']}' is not supported", where=str(path))
     token_ids = {
         f"{name}_token_id": metadata.get(f"tokenizer.ggml.{key}_token_id")
         for name, key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding"))
@@ -276,9 +274,7 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype:
     if dtype not in DTYPES:
         raise ForgeError(f"dtype '{dtype}' is not one of {', '.join(DTYPES)}")
     if out.exists() and any(out.iterdir()):
-        raise ForgeError(
-            "output folder exists and is not empty", where=str(out), hint="remove it or pick another"
-        )
+        raise ForgeError("output folder exists and is not empty", where=str(out), hint="remove it or pick another")
     header = read_llama_header(path)
     weights = convert_weights(path, header, DTYPES[dtype])
     metadata = header.metadata
@@ -293,9 +289,7 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype:
         tmp.chmod(0o755)  # mkdtemp's 0700 would hide the model from other users
         mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "pt"})
         _write_json(tmp / "config.json", config)
-        generation = {
-            k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config[k] is not None
-        }
+        generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config[k] is not None}
         _write_json(tmp / "generation_config.json", generation)
         write_tokenizer(metadata, tmp, str(path))
         _write_json(tmp / MARKER, {"source": path.name, "source_bytes": path.stat().st_size, "dtype": dtype})
@@ -308,8 +302,11 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype:
     except (OSError, RuntimeError) as e:  # a full disk; MLX reports a failed write as RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
         reason = e.strerror if isinstance(e, OSError) and e.strerror else e
-        raise ForgeError(f"cannot write the imported model: {reason}", where=str(out),
-                         hint="check free disk space; nothing was left behind") from None
+        raise ForgeError(
+            f"cannot write the imported model: {reason}",
+            where=str(out),
+            hint="check free disk space; nothing was left behind",
+        ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -30,13 +30,9 @@ def build_tokenizer(metadata: dict[str, Any], source: str) -> Tokenizer:
     """The tokenizer llama.cpp's vocab describes: BPE on tokens + merges, control tokens as specials."""
     model, pre = metadata.get("tokenizer.ggml.model"), metadata.get("tokenizer.ggml.pre")
     if model != "gpt2":
-        raise ForgeError(
-            f"tokenizer.ggml.model is '{model}'; only byte-level BPE ('gpt2') is supported", where=source
-        )
+        raise ForgeError(f"tokenizer.ggml.model is '{model}'; only byte-level BPE ('gpt2') is supported", where=source)
     if pre not in PRE_TOKENIZERS:
-        raise ForgeError(
-            f"tokenizer.ggml.pre is '{pre}'; supported: {', '.join(PRE_TOKENIZERS)}", where=source
-        )
+        raise ForgeError(f"tokenizer.ggml.pre is '{pre}'; supported: {', '.join(PRE_TOKENIZERS)}", where=source)
     tokens: list[str] = metadata["tokenizer.ggml.tokens"]
     vocab = {token: i for i, token in enumerate(tokens)}
     if len(vocab) != len(tokens):
@@ -54,9 +50,7 @@ def build_tokenizer(metadata: dict[str, Any], source: str) -> Tokenizer:
 
 def _added(tokens: list[str], types: list[int], kind: int) -> list[AddedToken]:
     special = kind == CONTROL
-    return [
-        AddedToken(tokens[i], special=special, normalized=False) for i, t in enumerate(types) if t == kind
-    ]
+    return [AddedToken(tokens[i], special=special, normalized=False) for i, t in enumerate(types) if t == kind]
 
 
 def _post_processor(metadata: dict[str, Any], tokens: list[str]) -> processors.PostProcessor:

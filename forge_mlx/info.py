@@ -16,8 +16,10 @@ FP32_ADAM_BYTES = 16  # per trainable parameter: value, gradient and two Adam mo
 
 
 def target_names(targets: str | list[str]) -> tuple[str, ...]:
-    return TARGET_PRESETS[targets] if isinstance(targets, str) and targets in TARGET_PRESETS else tuple(
-        [targets] if isinstance(targets, str) else targets
+    return (
+        TARGET_PRESETS[targets]
+        if isinstance(targets, str) and targets in TARGET_PRESETS
+        else tuple([targets] if isinstance(targets, str) else targets)
     )
 
 
@@ -34,12 +36,13 @@ def linear_layers(model: nn.Module) -> dict[str, tuple[int, int]]:
 
 
 def parameter_count(model: nn.Module) -> int:
+    """Weights of every leaf module, 4-bit packed ones counted unpacked."""
     total = 0
-    for name, module in model.named_modules():
+    for _, module in model.named_modules():
         if isinstance(module, nn.QuantizedLinear):
             out_dims, packed = module.weight.shape
-            total += out_dims * packed * 32 // module.bits
-        elif not module.children() or isinstance(module, (nn.Linear, nn.Embedding, nn.RMSNorm, nn.LayerNorm)):
+            total += out_dims * packed * 32 // module.bits + (module["bias"].size if "bias" in module else 0)
+        elif not module.children():
             total += sum(v.size for _, v in tree_flatten(module.parameters()))
     return total
 

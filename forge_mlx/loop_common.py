@@ -56,9 +56,7 @@ def new_window() -> dict:
     return {"loss": 0.0, "weight": 0.0, "tokens": 0, "time": 0.0, "aux": {}}
 
 
-def add_to_window(
-    window: dict, loss_sum: float, weight: float, tokens: int, seconds: float, aux: dict
-) -> None:
+def add_to_window(window: dict, loss_sum: float, weight: float, tokens: int, seconds: float, aux: dict) -> None:
     window["loss"] += loss_sum
     window["weight"] += weight
     window["tokens"] += tokens

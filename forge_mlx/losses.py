@@ -113,9 +113,7 @@ def dpo_loss(
     elif loss_type == "hinge":
         losses = nn.relu(1 - beta * logits)
     else:
-        losses = (-nn.log_sigmoid(beta * logits) * (1 - ls) + nn.log_sigmoid(-beta * logits) * ls) / (
-            1 - 2 * ls
-        )
+        losses = (-nn.log_sigmoid(beta * logits) * (1 - ls) + nn.log_sigmoid(-beta * logits) * ls) / (1 - 2 * ls)
     chosen_rewards = mx.stop_gradient(beta * chosen_ratio)  # (B,)
     rejected_rewards = mx.stop_gradient(beta * rejected_ratio)  # (B,)
     metrics = {
@@ -132,9 +130,7 @@ def dpo_loss(
 def _check_dpo_args(beta: float, loss_type: str, label_smoothing: float) -> None:
     """Reject settings that would silently be ignored or divide by zero."""
     if loss_type not in DPO_LOSS_TYPES:
-        raise ForgeError(
-            f"unknown DPO loss_type '{loss_type}'", hint=f"use one of {', '.join(DPO_LOSS_TYPES)}"
-        )
+        raise ForgeError(f"unknown DPO loss_type '{loss_type}'", hint=f"use one of {', '.join(DPO_LOSS_TYPES)}")
     if beta <= 0:
         raise ForgeError(f"DPO beta must be > 0, got {beta}", hint="typical values are 0.1 to 0.5")
     if loss_type in ("ipo", "hinge") and label_smoothing != 0:

@@ -35,9 +35,12 @@ def read_metrics(path: Path) -> list[dict]:
 def drop_metrics_after(path: Path, phase: str, step: int) -> None:
     """On resume, forget the records a crashed run wrote after its last checkpoint (they will be written again)."""
     order = ["sft", "dpo"]
-    keep = [r for r in read_metrics(path)
-            if order.index(r.get("phase", "sft")) < order.index(phase)
-            or (r.get("phase") == phase and r.get("step", 0) <= step)]
+    keep = [
+        r
+        for r in read_metrics(path)
+        if order.index(r.get("phase", "sft")) < order.index(phase)
+        or (r.get("phase") == phase and r.get("step", 0) <= step)
+    ]
     if Path(path).exists():
         tmp = Path(path).with_name(f".{Path(path).name}.tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in keep), encoding="utf-8")

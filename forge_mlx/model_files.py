@@ -58,9 +58,7 @@ def read_model_config(path: Path) -> dict:
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise ForgeError(
-            f"config.json is not valid JSON ({exc.msg})", where=f"{config_file}:{exc.lineno}"
-        ) from None
+        raise ForgeError(f"config.json is not valid JSON ({exc.msg})", where=f"{config_file}:{exc.lineno}") from None
     if not isinstance(config, dict):
         raise ForgeError("config.json must hold a JSON object", where=str(config_file))
     if not list(path.glob("model*.safetensors")):
@@ -69,14 +67,11 @@ def read_model_config(path: Path) -> dict:
             raise ForgeError(
                 f"only pickled weights ({', '.join(sorted(pickled)[:3])}); forge-mlx never unpickles",
                 where=str(path),
-                hint="convert them to safetensors "
-                "(e.g. transformers' save_pretrained(safe_serialization=True))",
+                hint="convert them to safetensors (e.g. transformers' save_pretrained(safe_serialization=True))",
             )
         raise ForgeError("no model*.safetensors weights", where=str(path))
     if config.get("model_file") or config.get("auto_map"):
-        raise ForgeError(
-            "this model needs custom remote code, which forge-mlx never runs", where=str(config_file)
-        )
+        raise ForgeError("this model needs custom remote code, which forge-mlx never runs", where=str(config_file))
     if not config.get("model_type"):
         raise ForgeError("config.json has no 'model_type'", where=str(config_file))
     return config

@@ -42,8 +42,7 @@ def cast_floats(model: nn.Module, dtype: mx.Dtype) -> None:
     """Cast floating parameters (not packed quantized integers) to the compute dtype."""
     from mlx.utils import tree_map
 
-    model.update(tree_map(lambda a: a.astype(dtype) if mx.issubdtype(a.dtype, mx.floating) else a,
-                          model.parameters()))
+    model.update(tree_map(lambda a: a.astype(dtype) if mx.issubdtype(a.dtype, mx.floating) else a, model.parameters()))
 
 
 def load_model(name: str, dtype: str = "auto"):
@@ -56,16 +55,20 @@ def load_model(name: str, dtype: str = "auto"):
     try:  # mlx-lm reports a truncated file, a config/weights mismatch or a missing key in several types
         model, config = mlx_load_model(path, lazy=False)
     except (RuntimeError, ValueError, TypeError, KeyError) as exc:
-        raise ForgeError(f"cannot load the model: {_one_line(exc)}", where=str(path),
-                         hint="config.json and the *.safetensors must match and be complete; re-download "
-                         "or re-convert the model") from exc
+        raise ForgeError(
+            f"cannot load the model: {_one_line(exc)}",
+            where=str(path),
+            hint="config.json and the *.safetensors must match and be complete; re-download or re-convert the model",
+        ) from exc
     cast_floats(model, compute_dtype(dtype))
     try:
         tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
     except (OSError, ValueError, TypeError, KeyError) as exc:
-        raise ForgeError(f"cannot load the tokenizer: {_one_line(exc)}", where=str(path),
-                         hint="the folder needs tokenizer.json (or tokenizer.model) and tokenizer_config.json"
-                         ) from exc
+        raise ForgeError(
+            f"cannot load the tokenizer: {_one_line(exc)}",
+            where=str(path),
+            hint="the folder needs tokenizer.json (or tokenizer.model) and tokenizer_config.json",
+        ) from exc
     return model, tokenizer, config
 
 

@@ -12,9 +12,9 @@ import mlx.optimizers as optim
 from mlx.utils import tree_unflatten
 
 from forge_mlx import checkpoint as ckpt
+from forge_mlx import distributed as dist
 from forge_mlx.adapters import adapter_weights, apply_adapters, load_adapter_weights
 from forge_mlx.config import Config
-from forge_mlx import distributed as dist
 from forge_mlx.data.batching import BatchStream, eval_batches, shard
 from forge_mlx.data.jsonl import load_split
 from forge_mlx.data.sft import encode_sft_split
@@ -44,9 +44,20 @@ def quantize_frozen_linears(model: nn.Module, config: Config) -> int:
     if a.residual == "none":
         return 0
     swaps = [
-        (path, make_residual(module.weight, a.residual, bias=module.get("bias"), group_size=a.group_size,
-                             bits=a.bits, blocksize=a.blocksize, double_quant=a.double_quant,
-                             dtype=module.weight.dtype, name=path))
+        (
+            path,
+            make_residual(
+                module.weight,
+                a.residual,
+                bias=module.get("bias"),
+                group_size=a.group_size,
+                bits=a.bits,
+                blocksize=a.blocksize,
+                double_quant=a.double_quant,
+                dtype=module.weight.dtype,
+                name=path,
+            ),
+        )
         for path, module in model.named_modules()
         if type(module) is nn.Linear and ".layers." in f".{path}"
     ]
@@ -66,10 +77,22 @@ def adapt(model: nn.Module, config: Config, log=print) -> dict:
             log(f"  init {done['n']} layers ({path}: {entry['seconds']:.2f} s)")
 
     report = apply_adapters(
-        model, targets=a.targets, rank=a.rank, alpha=a.alpha, init=a.init, residual=a.residual,
-        rank_pattern=a.rank_pattern, seed=config.seed, on_layer=progress, qpissa_iters=a.qpissa_iters,
-        group_size=a.group_size, bits=a.bits, blocksize=a.blocksize, double_quant=a.double_quant,
-        dtype=compute_dtype(config.dtype), dropout=a.dropout,
+        model,
+        targets=a.targets,
+        rank=a.rank,
+        alpha=a.alpha,
+        init=a.init,
+        residual=a.residual,
+        rank_pattern=a.rank_pattern,
+        seed=config.seed,
+        on_layer=progress,
+        qpissa_iters=a.qpissa_iters,
+        group_size=a.group_size,
+        bits=a.bits,
+        blocksize=a.blocksize,
+        double_quant=a.double_quant,
+        dtype=compute_dtype(config.dtype),
+        dropout=a.dropout,
     )
     report["frozen_linears_quantized"] = quantize_frozen_linears(model, config)
     if a.cpu_dequant_cache and not on_gpu():
@@ -81,8 +104,9 @@ def adapt(model: nn.Module, config: Config, log=print) -> dict:
 
 
 def make_optimizer(lr: float, steps: int, warmup: int, min_lr_ratio: float, weight_decay: float) -> optim.AdamW:
-    schedule = mlx_schedule(peak_lr=lr, total_steps=steps, warmup_steps=min(warmup, steps - 1),
-                            min_lr_ratio=min_lr_ratio)
+    schedule = mlx_schedule(
+        peak_lr=lr, total_steps=steps, warmup_steps=min(warmup, steps - 1), min_lr_ratio=min_lr_ratio
+    )
     return optim.AdamW(learning_rate=schedule, weight_decay=weight_decay)
 
 
@@ -124,18 +148,37 @@ def resume_point(run_dir: Path, phase: str, model, optimizer, log=print) -> tupl
 
 def run_sft(model, tokenizer, config: Config, run_dir: Path, resume: bool, log=print) -> dict:
     d, t = config.data, config.train
-    train_set = encode_sft_split(load_split(d.train, "train", kind="sft"), tokenizer, max_seq_length=d.max_seq_length,
-                                 overlong=d.overlong, mask_prompt=d.mask_prompt, supervise=d.supervise)
+    train_set = encode_sft_split(
+        load_split(d.train, "train", kind="sft"),
+        tokenizer,
+        max_seq_length=d.max_seq_length,
+        overlong=d.overlong,
+        mask_prompt=d.mask_prompt,
+        supervise=d.supervise,
+    )
     valid_source = d.valid or (d.train if Path(d.train).is_dir() else None)
     valid_data = load_split(valid_source, "valid", kind="sft", required=d.valid is not None) if valid_source else None
-    valid_set = (encode_sft_split(valid_data, tokenizer, max_seq_length=d.max_seq_length, overlong=d.overlong,
-                                  mask_prompt=d.mask_prompt, supervise=d.supervise) if valid_data else None)
-    log(f"SFT data: {len(train_set.examples)} examples (truncated {train_set.truncated}, dropped "
+    valid_set = (
+        encode_sft_split(
+            valid_data,
+            tokenizer,
+            max_seq_length=d.max_seq_length,
+            overlong=d.overlong,
+            mask_prompt=d.mask_prompt,
+            supervise=d.supervise,
+        )
+        if valid_data
+        else None
+    )
+    log(
+        f"SFT data: {len(train_set.examples)} examples (truncated {train_set.truncated}, dropped "
         f"{train_set.dropped_overlong} over max_seq_length, {train_set.dropped_no_target} with no target)"
-        + (f", valid {len(valid_set.examples)}" if valid_set else ""))
+        + (f", valid {len(valid_set.examples)}" if valid_set else "")
+    )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    stream = BatchStream(train_set.examples, t.batch_size, seed=config.seed, max_seq_length=d.max_seq_length,
-                         pad_id=pad)
+    stream = BatchStream(
+        train_set.examples, t.batch_size, seed=config.seed, max_seq_length=d.max_seq_length, pad_id=pad
+    )
     steps = phase_steps(stream.batches_per_epoch, t.grad_accum, t.steps, t.epochs)
     optimizer = make_optimizer(t.lr, steps, t.warmup_steps, t.min_lr_ratio, t.weight_decay)
     start, data_state = resume_point(run_dir, "sft", model, optimizer, log) if resume else (0, None)
@@ -145,16 +188,40 @@ def run_sft(model, tokenizer, config: Config, run_dir: Path, resume: bool, log=p
     if valid_set and valid_set.examples and t.val_batches:
         val_list = [sft_arrays(b)[0] for b in eval_batches(valid_set.examples, t.batch_size, pad_id=pad)]
         val = lambda: val_list[: t.val_batches]  # noqa: E731
-    spec = LoopSpec("sft", steps, t.grad_accum, t.max_grad_norm, t.steps_per_report, t.steps_per_eval,
-                    t.save_every, t.max_bad_steps, t.val_batches, config.memory.alert_threshold)
+    spec = LoopSpec(
+        "sft",
+        steps,
+        t.grad_accum,
+        t.max_grad_norm,
+        t.steps_per_report,
+        t.steps_per_eval,
+        t.save_every,
+        t.max_bad_steps,
+        t.val_batches,
+        config.memory.alert_threshold,
+    )
     result = train_loop(
-        model, optimizer, sft_loss_fn(t.loss_chunk_size), (sft_arrays(b) for b in stream), spec, run_dir,
-        adapter_weights=lambda: adapter_weights(model), data_state=stream.state, val_batches=val, start_step=start,
+        model,
+        optimizer,
+        sft_loss_fn(t.loss_chunk_size),
+        (sft_arrays(b) for b in stream),
+        spec,
+        run_dir,
+        adapter_weights=lambda: adapter_weights(model),
+        data_state=stream.state,
+        val_batches=val,
+        start_step=start,
         extra_report=lambda: {"padding_fraction": stream.padding_fraction},
     )
-    summary = {"steps": result.steps_done, "final_loss": result.last_loss, "interrupted": result.interrupted,
-               "padding_fraction": stream.padding_fraction, "examples": len(train_set.examples),
-               "truncated": train_set.truncated, "dropped": train_set.dropped_overlong}
+    summary = {
+        "steps": result.steps_done,
+        "final_loss": result.last_loss,
+        "interrupted": result.interrupted,
+        "padding_fraction": stream.padding_fraction,
+        "examples": len(train_set.examples),
+        "truncated": train_set.truncated,
+        "dropped": train_set.dropped_overlong,
+    }
     if not result.interrupted and dist.is_main():
         ckpt.atomic_write_text(run_dir / "sft_done.json", json.dumps(summary, indent=1))
     return summary
@@ -177,8 +244,11 @@ def run_training(config: Config, resume: bool = False, log=print) -> dict:
 
         return run_on_torch(config, resume, log)
     if dist.size() > 1 and config.train.batch_size % dist.size():
-        raise ForgeError(f"train.batch_size {config.train.batch_size} must be a multiple of the {dist.size()} "
-                         "processes (it is the global batch)", where="train.batch_size")
+        raise ForgeError(
+            f"train.batch_size {config.train.batch_size} must be a multiple of the {dist.size()} "
+            "processes (it is the global batch)",
+            where="train.batch_size",
+        )
     if dist.is_main():
         prepare_run_dir(config, resume)
         log(f"data parallel over {dist.size()} processes" if dist.size() > 1 else "single process")

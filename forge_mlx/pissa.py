@@ -56,9 +56,7 @@ def principal_svd(
     return u[:, :rank], s[:rank], vt[:rank]
 
 
-def _principal_factors(
-    w: mx.array, rank: int, scale: float, niter: int | None, seed: int
-) -> tuple[mx.array, mx.array]:
+def _principal_factors(w: mx.array, rank: int, scale: float, niter: int | None, seed: int) -> tuple[mx.array, mx.array]:
     u, s, vt = principal_svd(w, rank, niter, seed)
     sqrt_s = mx.sqrt(s / scale)  # (r,): dividing by scale makes scale * a @ b the rank-r part for any alpha
     return (sqrt_s[:, None] * vt).T, (u * sqrt_s).T  # lora_a (in, r), lora_b (r, out)

@@ -33,8 +33,14 @@ CHECKPOINTS = "checkpoints"
 STATE_FILE = "state.json"
 CHECKPOINT_FILES = ("adapters.safetensors", "optimizer.safetensors")
 STALE_ON_FRESH_START = (
-    "sft_done.json", "dpo_done.json", REFERENCE_FILE, "metrics.jsonl", "summary.json", INIT_ADAPTERS,
-    FINAL_ADAPTERS, ADAPTER_CONFIG,
+    "sft_done.json",
+    "dpo_done.json",
+    REFERENCE_FILE,
+    "metrics.jsonl",
+    "summary.json",
+    INIT_ADAPTERS,
+    FINAL_ADAPTERS,
+    ADAPTER_CONFIG,
 )
 
 
@@ -81,9 +87,7 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise write_failed(path, exc) from None
 
 
-def save_numpy_arrays(
-    path: Path, arrays: dict[str, np.ndarray], metadata: dict[str, str] | None = None
-) -> None:
+def save_numpy_arrays(path: Path, arrays: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
     """Atomic safetensors write of numpy arrays: a full disk leaves the old file (or none), and a ForgeError
     names it."""
     tmp = path.with_name(f".tmp-{path.name}")

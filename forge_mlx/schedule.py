@@ -17,9 +17,7 @@ if TYPE_CHECKING:  # imported in mlx_schedule, so lr_at works without mlx (the t
     import mlx.core as mx
 
 
-def lr_at(
-    step: int, *, peak_lr: float, total_steps: int, warmup_steps: int, min_lr_ratio: float = 0.0
-) -> float:
+def lr_at(step: int, *, peak_lr: float, total_steps: int, warmup_steps: int, min_lr_ratio: float = 0.0) -> float:
     """LR of update `step`: peak*step/warmup, then cosine from peak to peak*min_lr_ratio at total_steps."""
     _check(total_steps, warmup_steps, min_lr_ratio)
     if step < warmup_steps:
@@ -36,9 +34,7 @@ def mlx_schedule(
     import mlx.core as mx
 
     lrs = [
-        lr_at(
-            s, peak_lr=peak_lr, total_steps=total_steps, warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio
-        )
+        lr_at(s, peak_lr=peak_lr, total_steps=total_steps, warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio)
         for s in range(total_steps + 1)
     ]
     table = mx.array(lrs, dtype=mx.float32)  # (total_steps + 1,)

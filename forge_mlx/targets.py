@@ -34,9 +34,7 @@ def check_adapter_options(
     if INIT_PATTERN.fullmatch(init) is None:
         raise ForgeError(f"unknown init '{init}'", where=where, hint="use pissa, pissa_niter_N or lora")
     if residual not in RESIDUAL_KINDS:
-        raise ForgeError(
-            f"unknown residual '{residual}'", where=where, hint=f"use one of {', '.join(RESIDUAL_KINDS)}"
-        )
+        raise ForgeError(f"unknown residual '{residual}'", where=where, hint=f"use one of {', '.join(RESIDUAL_KINDS)}")
     if not 1 <= rank <= min(shape):
         raise ForgeError(
             f"rank {rank} does not fit a {shape} layer",
@@ -58,9 +56,7 @@ def select_targets(blocks: Sequence[tuple[str, Sequence[str]]], targets: str | S
     if isinstance(targets, str):
         if targets not in TARGET_PRESETS:
             presets = " or ".join(TARGET_PRESETS)
-            raise ForgeError(
-                f"unknown target preset '{targets}'", hint=f"use {presets} or a list of layer names"
-            )
+            raise ForgeError(f"unknown target preset '{targets}'", hint=f"use {presets} or a list of layer names")
         targets = TARGET_PRESETS[targets]
     found, available = [], set()
     for prefix, linears in sorted(blocks, key=lambda item: int(item[0].rsplit(".", 1)[-1])):

@@ -137,19 +137,27 @@ def train_loop(
                 for key, value in aux.items():
                     aux_sum[key] = aux_sum.get(key, 0.0) + value.item()
             loss_sum, total_weight, tokens, stop, *aux_values = dist.sum_floats(
-                loss_sum, total_weight, tokens, float(interrupt.hit), *aux_sum.values())
+                loss_sum, total_weight, tokens, float(interrupt.hit), *aux_sum.values()
+            )
             aux_sum = dict(zip(aux_sum, aux_values))
             step_loss = loss_sum / max(total_weight, 1e-9)
             if not math.isfinite(step_loss) or total_weight == 0:
                 bad_in_row += 1
                 if main:
-                    log.write({"phase": spec.phase, "step": step + 1, "event": "skipped_nonfinite_loss",
-                               "loss": str(step_loss)})
+                    log.write(
+                        {
+                            "phase": spec.phase,
+                            "step": step + 1,
+                            "event": "skipped_nonfinite_loss",
+                            "loss": str(step_loss),
+                        }
+                    )
                     print(f"\n[{spec.phase}] step {step + 1}: non-finite loss ({step_loss}); update skipped")
                 if bad_in_row >= spec.max_bad_steps:
                     raise ForgeError(
                         f"{bad_in_row} non-finite losses in a row; stopped with the last good checkpoint intact",
-                        where=str(run_dir), hint="lower the learning rate or check the data",
+                        where=str(run_dir),
+                        hint="lower the learning rate or check the data",
                     )
                 continue
             bad_in_row = 0
@@ -161,29 +169,50 @@ def train_loop(
             peak = mx.get_peak_memory()
             if main and memory_limit and peak > memory_limit and not warned:
                 warned = True
-                print(f"\nWARNING: peak memory {peak / 2**30:.2f} GB is over {spec.memory_alert:.0%} of the "
-                      f"device's {device_memory_bytes() / 2**30:.1f} GB: {spec.memory_hint}")
+                print(
+                    f"\nWARNING: peak memory {peak / 2**30:.2f} GB is over {spec.memory_alert:.0%} of the "
+                    f"device's {device_memory_bytes() / 2**30:.1f} GB: {spec.memory_hint}"
+                )
             if step % spec.steps_per_report == 0 or step == spec.steps:
-                record = {**report_record(spec, step, optimizer.learning_rate.item(), window, peak,
-                                          grad_norm.item()), **extra_report()}
+                record = {
+                    **report_record(spec, step, optimizer.learning_rate.item(), window, peak, grad_norm.item()),
+                    **extra_report(),
+                }
                 result.history.append(record)
                 if main:
                     log.write(record)
-                    progress(spec.phase, step, spec.steps, record["loss"], record["lr"], record["tokens_per_s"],
-                             peak / 2**30)
+                    progress(
+                        spec.phase,
+                        step,
+                        spec.steps,
+                        record["loss"],
+                        record["lr"],
+                        record["tokens_per_s"],
+                        peak / 2**30,
+                    )
                 window = new_window()
             if val_batches and spec.val_batches and (step % spec.steps_per_eval == 0 or step == spec.steps):
                 val_loss, val_aux = evaluate_loss(model, loss_fn, val_batches())
                 model.train()
-                record = {"phase": spec.phase, "step": step, "val_loss": val_loss,
-                          **{f"val_{k}": v for k, v in val_aux.items()}}
+                record = {
+                    "phase": spec.phase,
+                    "step": step,
+                    "val_loss": val_loss,
+                    **{f"val_{k}": v for k, v in val_aux.items()},
+                }
                 result.history.append(record)
                 if main:
                     log.write(record)
                     print(f"\n[{spec.phase}] step {step}: val loss {val_loss:.4f}", flush=True)
             if main and (step % spec.save_every == 0 or step == spec.steps or stop):
-                ckpt.save_checkpoint(run_dir, spec.phase, step, adapter_weights(), optimizer,
-                                     {"data": data_state(), "loss": step_loss})
+                ckpt.save_checkpoint(
+                    run_dir,
+                    spec.phase,
+                    step,
+                    adapter_weights(),
+                    optimizer,
+                    {"data": data_state(), "loss": step_loss},
+                )
             if stop:
                 if main:
                     print(f"\n[{spec.phase}] interrupted: checkpoint written at step {step}; continue with --resume")

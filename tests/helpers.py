@@ -181,9 +181,7 @@ def tiny_config(root: Path, out: str = "run", *extra: str) -> Config:
 def losses(run_dir: Path, phase: str = "sft", key: str = "loss") -> dict[int, float]:
     """step -> metric from metrics.jsonl; a step logged twice (before a crash, after resume): the last."""
     return {
-        r["step"]: r[key]
-        for r in read_metrics(Path(run_dir) / "metrics.jsonl")
-        if r.get("phase") == phase and key in r
+        r["step"]: r[key] for r in read_metrics(Path(run_dir) / "metrics.jsonl") if r.get("phase") == phase and key in r
     }
 
 

@@ -59,9 +59,7 @@ def perturb_adapters(model: nn.Module, seed: int = 1) -> None:
     """Stand in for training: move every factor so fused/loaded checks are not trivially at init."""
     weights = adapter_weights(model)
     keys = mx.random.split(mx.random.key(seed), len(weights))
-    weights = {
-        k: v + 0.05 * mx.random.normal(v.shape, key=keys[i]) for i, (k, v) in enumerate(weights.items())
-    }
+    weights = {k: v + 0.05 * mx.random.normal(v.shape, key=keys[i]) for i, (k, v) in enumerate(weights.items())}
     load_adapter_weights(model, weights)
 
 
@@ -173,8 +171,7 @@ def test_from_linear_keeps_bias_and_matches_the_formula():
     x = mx.random.normal((5, 24), key=mx.random.key(3))
     # y = residual(x) + scale * (x @ a) @ b written out in numpy (float64) from the layer's own arrays.
     a, b, res, bias = (
-        np.array(t, dtype=np.float64)
-        for t in (layer.lora_a, layer.lora_b, layer.residual.weight, layer.residual.bias)
+        np.array(t, dtype=np.float64) for t in (layer.lora_a, layer.lora_b, layer.residual.weight, layer.residual.bias)
     )
     xn = np.array(x, dtype=np.float64)
     expected = xn @ res.T + bias + 0.75 * (xn @ a) @ b
@@ -187,9 +184,7 @@ def test_from_linear_keeps_bias_and_matches_the_formula():
 def test_quantized_residual_beats_quantizing_the_base(kind):
     model = tiny_llama()
     w = model.model.layers[0].mlp.down_proj.weight
-    report = apply_adapters(
-        model, targets=["down_proj"], rank=16, residual=kind, qpissa_iters=3, group_size=32
-    )
+    report = apply_adapters(model, targets=["down_proj"], rank=16, residual=kind, qpissa_iters=3, group_size=32)
     layer = model.model.layers[0].mlp.down_proj
     errors = report["layers"]["model.layers.0.mlp.down_proj"]["qpissa_errors"]
     fused_error = rel(layer.fuse().weight, w)

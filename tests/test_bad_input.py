@@ -59,9 +59,7 @@ def train_yaml(tiny: Path, tmp_path: Path, *overrides: str) -> Path:
 
 
 def jsonl(path: Path, *rows) -> Path:
-    path.write_text(
-        "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8"
-    )
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
     return path
 
 
@@ -115,9 +113,7 @@ def test_config_file_errors_name_file_line_and_key(capsys, tmp_path, text, parts
 
 
 def test_missing_config_file(capsys, tmp_path):
-    assert_error(
-        capsys, ["train", tmp_path / "nope.yaml"], f"{tmp_path / 'nope.yaml'}: config file not found"
-    )
+    assert_error(capsys, ["train", tmp_path / "nope.yaml"], f"{tmp_path / 'nope.yaml'}: config file not found")
 
 
 def test_bad_override_names_the_override(capsys, tmp_path):
@@ -163,9 +159,7 @@ def test_bad_override_names_the_override(capsys, tmp_path):
 )  # fmt: skip
 def test_sft_data_errors_name_file_line_and_field(capsys, tiny, tmp_path, rows, parts):
     data = jsonl(tmp_path / "train.jsonl", *rows)
-    assert_error(
-        capsys, ["train", train_yaml(tiny, tmp_path, f"data.train={data}")], f"error: {data}", *parts
-    )
+    assert_error(capsys, ["train", train_yaml(tiny, tmp_path, f"data.train={data}")], f"error: {data}", *parts)
     assert not list_checkpoints(tmp_path / "run")
 
 
@@ -196,9 +190,7 @@ def test_missing_data_path(capsys, tiny, tmp_path):
         ("truncate", "0 were longer and dropped, 8 kept no supervised token"),
     ],
 )
-def test_every_row_longer_than_max_seq_length_is_an_error_not_an_empty_run(
-    capsys, tiny, tmp_path, overlong, counts
-):
+def test_every_row_longer_than_max_seq_length_is_an_error_not_an_empty_run(capsys, tiny, tmp_path, overlong, counts):
     # a tiny chat row is >= 13 tokens, the first 10 before the reply (ChatML), so 8 tokens hold no target
     config = train_yaml(tiny, tmp_path, "data.max_seq_length=8", f"data.overlong={overlong}")
     assert_error(
@@ -250,8 +242,7 @@ def test_sft_rows_given_as_preference_data(capsys, tiny, tmp_path):
     assert_error(
         capsys,
         ["train", config],
-        f"{tiny / 'sft' / 'train.jsonl'}:1: preference training needs "
-        "preference rows but this file holds chat rows",
+        f"{tiny / 'sft' / 'train.jsonl'}:1: preference training needs preference rows but this file holds chat rows",
     )
 
 
@@ -259,9 +250,7 @@ def test_preference_pairs_all_too_long(capsys, tiny, tmp_path):
     config = train_yaml(
         tiny, tmp_path, "data.train=", "dpo.enabled=true", "data.max_seq_length=8", "data.overlong=drop"
     )
-    assert_error(
-        capsys, ["train", config], f"{tiny / 'dpo' / 'train.jsonl'}: no example fits data.max_seq_length=8"
-    )
+    assert_error(capsys, ["train", config], f"{tiny / 'dpo' / 'train.jsonl'}: no example fits data.max_seq_length=8")
 
 
 # ---------------------------------------------------------------- models
@@ -312,9 +301,7 @@ def test_broken_model_folders(capsys, tiny, tmp_path, edit, files, part):
 def test_truncated_weights(capsys, tiny, tmp_path):
     weights = (tiny / "model" / "model.safetensors").read_bytes()
     model = model_variant(tiny, tmp_path, files={"model.safetensors": weights[: len(weights) // 2]})
-    assert_error(
-        capsys, ["info", model], f"{model}: cannot load the model:", "exceeding the size of the file"
-    )
+    assert_error(capsys, ["info", model], f"{model}: cannot load the model:", "exceeding the size of the file")
 
 
 def test_missing_model_path(capsys, tmp_path):
@@ -437,9 +424,7 @@ def small_disk(tmp_path):
     disk.mkdir()
     if os.geteuid() != 0 or shutil.which("mount") is None:
         pytest.skip("mounting a size-limited tmpfs needs root")
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(disk)], capture_output=True
-    )
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(disk)], capture_output=True)
     if mounted.returncode:
         pytest.skip(f"mount not permitted here: {mounted.stderr.decode().strip()}")
     try:

@@ -78,9 +78,7 @@ def test_a_real_process_prints_one_line_for_a_config_error(tmp_path):
 
 
 def test_a_real_process_prints_one_line_for_a_hub_error_and_never_the_token(tmp_path):
-    result = run_process(
-        ["info", "nobody/no-such-model"], tmp_path, HF_TOKEN=SECRET, HUGGING_FACE_HUB_TOKEN=SECRET
-    )
+    result = run_process(["info", "nobody/no-such-model"], tmp_path, HF_TOKEN=SECRET, HUGGING_FACE_HUB_TOKEN=SECRET)
     assert_one_line_error(result, "error: nobody/no-such-model: ", "hub model 'nobody/no-such-model'")
     assert SECRET not in result.stdout + result.stderr
     assert not (tmp_path / "hf-home").exists()  # offline: nothing was cached or written
@@ -88,11 +86,7 @@ def test_a_real_process_prints_one_line_for_a_hub_error_and_never_the_token(tmp_
 
 def snapshot(root: Path) -> dict[str, tuple[int, int]]:
     """path -> (size, mtime) of every file under root."""
-    return {
-        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
-        for p in root.rglob("*")
-        if p.is_file()
-    }
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
 
 
 def test_a_full_run_never_writes_the_token_and_writes_only_where_asked(capfd, tmp_path, monkeypatch):
@@ -108,9 +102,7 @@ def test_a_full_run_never_writes_the_token_and_writes_only_where_asked(capfd, tm
     assert main(["train", "run.yaml"]) == 0
     out = capfd.readouterr()  # file-descriptor capture: also what C code and child processes print
     run = tmp_path / "out" / "run"
-    assert {"config.yaml", "adapters.safetensors", "summary.json", "metrics.jsonl"} <= {
-        p.name for p in run.iterdir()
-    }
+    assert {"config.yaml", "adapters.safetensors", "summary.json", "metrics.jsonl"} <= {p.name for p in run.iterdir()}
     assert SECRET not in out.out + out.err
     assert not [p for p in run.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
     # outside the run directory nothing changed: not the model, the data or the working folder

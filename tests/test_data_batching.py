@@ -33,11 +33,7 @@ def test_every_example_appears_once_per_epoch_in_its_row():
     for e in range(2):
         seen = []
         for batch in epoch(stream):
-            assert (
-                batch.tokens.shape[0] == 8
-                and batch.tokens.dtype == np.int32
-                and batch.loss_mask.dtype == bool
-            )
+            assert batch.tokens.shape[0] == 8 and batch.tokens.dtype == np.int32 and batch.loss_mask.dtype == bool
             for row, ids in enumerate(batch.example_ids):
                 if not ids:  # a filler row: empty and never a target
                     assert batch.lengths[row] == 0 and not batch.loss_mask[row].any()
@@ -145,9 +141,7 @@ def test_packing_fits_rows_and_masks_segment_starts():
     for (tokens, mask, segments), row_ids in rows:
         assert len(tokens) <= 512
         expected_tokens = [t for i in row_ids for t in examples[i][0]]
-        expected_mask = [
-            m for i in row_ids for m in examples[i][1]
-        ]  # examples already mask their first token
+        expected_mask = [m for i in row_ids for m in examples[i][1]]  # examples already mask their first token
         assert tokens.tolist() == expected_tokens and mask.tolist() == expected_mask
         assert segments.tolist() == [s for s, i in enumerate(row_ids, 1) for _ in examples[i][0]]
     text_like = [(list(range(5)), [True] * 5), (list(range(3)), [True] * 3)]  # unmasked first tokens

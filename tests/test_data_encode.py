@@ -104,9 +104,7 @@ def test_text_is_all_supervised_with_eos():
 
 
 def test_chat_without_template_is_a_located_error():
-    with pytest.raises(
-        ForgeError, match=r"data\.jsonl:7: field 'messages': the tokenizer has no chat template"
-    ):
+    with pytest.raises(ForgeError, match=r"data\.jsonl:7: field 'messages': the tokenizer has no chat template"):
         encode_sft(THREE_TURNS, tiny_tokenizer(None))
 
 
@@ -155,9 +153,7 @@ def test_preference_pairs_share_the_prompt_and_mask_the_completion_only():
     prompt = "<|im_start|> user / why <|im_end|> / <|im_start|> assistant /"
     assert spell(tok, pair.chosen) == prompt + " *good *thanks *<|im_end|> /"
     assert spell(tok, pair.rejected) == prompt + " *bad *<|im_end|> /"
-    raw = encode_preference(
-        row({"prompt": "why", "chosen": "good", "rejected": "bad"}), tok, use_chat_template=False
-    )
+    raw = encode_preference(row({"prompt": "why", "chosen": "good", "rejected": "bad"}), tok, use_chat_template=False)
     assert (spell(tok, raw.chosen), spell(tok, raw.rejected)) == (
         "why *good *<|im_end|>",
         "why *bad *<|im_end|>",
@@ -170,9 +166,7 @@ def test_preference_pairs_share_the_prompt_and_mask_the_completion_only():
     pair = encode_preference(row(chat), tok)
     system = "<|im_start|> system / you are kind <|im_end|> / "
     assert spell(tok, pair.rejected) == system + prompt + " *bad *bad *<|im_end|> /"
-    with pytest.raises(
-        ForgeError, match=r"data\.jsonl:7: field 'prompt': the tokenizer has no chat template"
-    ):
+    with pytest.raises(ForgeError, match=r"data\.jsonl:7: field 'prompt': the tokenizer has no chat template"):
         encode_preference(row(chat), tiny_tokenizer(None))
 
 
@@ -186,9 +180,7 @@ def test_preference_length_policy_counts_pairs():
     out = encode_preference_split(dataset(rows), tok, max_seq_length=4, use_chat_template=False)
     assert (out.truncated, out.dropped_overlong, out.dropped_no_target) == (1, 0, 1)
     assert [(len(p.chosen[0]), len(p.rejected[0])) for p in out.examples] == [(3, 3), (4, 3)]
-    out = encode_preference_split(
-        dataset(rows), tok, max_seq_length=4, overlong="drop", use_chat_template=False
-    )
+    out = encode_preference_split(dataset(rows), tok, max_seq_length=4, overlong="drop", use_chat_template=False)
     assert (out.truncated, out.dropped_overlong, out.dropped_no_target) == (0, 2, 0)
 
 

@@ -112,10 +112,7 @@ def test_skip_bad_rows_skips_and_counts(tmp_path):
     rows = [{"prompt": "p", "chosen": "x", "rejected": "x"}, good, {"prompt": "p", "chosen": "c"}]
     ds = read_jsonl(write(tmp_path / "pref.jsonl", rows), skip_bad_rows=True)
     assert [r.line for r in ds.records] == [2] and len(ds.skipped) == 2
-    assert (
-        "pref.jsonl:1: field 'rejected'" in ds.skipped[0]
-        and "pref.jsonl:3: field 'rejected'" in ds.skipped[1]
-    )
+    assert "pref.jsonl:1: field 'rejected'" in ds.skipped[0] and "pref.jsonl:3: field 'rejected'" in ds.skipped[1]
     with pytest.raises(ForgeError, match="all 1 rows were skipped"):
         read_jsonl(write(tmp_path / "bad.jsonl", rows[:1]), skip_bad_rows=True)
     with pytest.raises(ForgeError, match="malformed JSON"):  # a broken file is never skipped over

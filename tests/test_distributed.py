@@ -5,12 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import helpers
 import pytest
 
 from forge_mlx.config import save_config
 from forge_mlx.metrics_log import read_metrics
 from forge_mlx.pipeline import run_training
-import helpers
 
 LAUNCH = Path(sys.executable).with_name("mlx.launch")
 SCRIPT = """
@@ -37,8 +37,21 @@ def test_two_ring_processes_match_one_process(tmp_path):
     script = tmp_path / "train_script.py"
     script.write_text(SCRIPT, encoding="utf-8")
     done = subprocess.run(
-        [str(LAUNCH), "-n", "2", "--backend", "ring", "--python", sys.executable, str(script), str(config_file)],
-        capture_output=True, text=True, timeout=600, cwd=Path(__file__).parent.parent,
+        [
+            str(LAUNCH),
+            "-n",
+            "2",
+            "--backend",
+            "ring",
+            "--python",
+            sys.executable,
+            str(script),
+            str(config_file),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=Path(__file__).parent.parent,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     ring, one = helpers.losses(tmp_path / "ring"), helpers.losses(tmp_path / "single")
@@ -47,7 +60,10 @@ def test_two_ring_processes_match_one_process(tmp_path):
     # rank 0 alone wrote: one record per step, one set of checkpoints, the final adapters
     steps = [r["step"] for r in read_metrics(tmp_path / "ring" / "metrics.jsonl") if "loss" in r]
     assert steps == list(range(1, 9))
-    assert sorted(p.name for p in (tmp_path / "ring" / "checkpoints").iterdir()) == ["sft-000004", "sft-000008"]
+    assert sorted(p.name for p in (tmp_path / "ring" / "checkpoints").iterdir()) == [
+        "sft-000004",
+        "sft-000008",
+    ]
     final = helpers.load_arrays(tmp_path / "ring" / "adapters.safetensors")
     assert helpers.max_abs_diff(final, helpers.load_arrays(tmp_path / "single" / "adapters.safetensors")) < 1e-4
     assert "data parallel over 2 processes" in done.stdout

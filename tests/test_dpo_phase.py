@@ -122,9 +122,7 @@ def test_resume_reuses_the_reference_log_probs(root, monkeypatch):
     assert sorted(got) == list(range(1, 7))
     assert max(abs(got[s] - want[s]) for s in want) <= 1e-5  # bit-exact replay measured; see test_resume.py
     final = helpers.load_arrays(run / "adapters.safetensors")
-    assert (
-        helpers.max_abs_diff(final, helpers.load_arrays(root / "dpo_full" / "adapters.safetensors")) <= 1e-6
-    )
+    assert helpers.max_abs_diff(final, helpers.load_arrays(root / "dpo_full" / "adapters.safetensors")) <= 1e-6
 
 
 def test_a_dpo_step_runs_the_policy_on_chosen_and_rejected_only(root, monkeypatch):
@@ -159,8 +157,6 @@ def test_a_dpo_step_runs_the_policy_on_chosen_and_rejected_only(root, monkeypatc
     assert all(name == "LlamaModel" for name, _, _ in calls)  # the loss runs the body + head, never Model
     reference = [shape for _, training, shape in calls if not training]
     training = [shape for _, training, shape in calls if training]
-    assert calls[: len(reference)] == [
-        ("LlamaModel", False, s) for s in reference
-    ]  # the reference comes first
+    assert calls[: len(reference)] == [("LlamaModel", False, s) for s in reference]  # the reference comes first
     assert len(reference) == len(helpers.PROMPTS) // b and all(s[0] == 2 * b for s in reference)
     assert len(training) == steps * grad_accum and all(s[0] == 2 * b for s in training)

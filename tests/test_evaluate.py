@@ -202,15 +202,11 @@ def test_preference_accuracy_on_a_model_that_prefers_its_own_greedy_reply():
         mask = [False] * 5 + [True] * 4
         swap = seed % 3 == 0  # pairs 0 and 3 list the disliked reply as "chosen"
         pairs.append(
-            PreferencePair((worst, mask), (greedy, mask))
-            if swap
-            else PreferencePair((greedy, mask), (worst, mask))
+            PreferencePair((worst, mask), (greedy, mask)) if swap else PreferencePair((greedy, mask), (worst, mask))
         )
         expected.append(not swap)
     logps = reference_logps(model, pairs, 4, False, 0)
-    for i, pair in enumerate(
-        pairs
-    ):  # summed completion log-probs, checked against numpy (1e-4: 4 fp32 terms)
+    for i, pair in enumerate(pairs):  # summed completion log-probs, checked against numpy (1e-4: 4 fp32 terms)
         for side, key in zip(pair, ("chosen", "rejected"), strict=True):
             assert logps[key][i] == pytest.approx(numpy_logps(model, side[0])[-4:].sum(), abs=1e-4)
     assert list(logps["chosen"] > logps["rejected"]) == expected
@@ -250,14 +246,10 @@ def test_score_model_matches_independent_computations():
         Config(),
         EvalOptions(max_tokens=3, batch_size=2),
     )
-    nll = [
-        -numpy_logps(model, t)[np.array(m[1:])] for t, m in (encode_sft(r, tok) for r in data["sft"].records)
-    ]
+    nll = [-numpy_logps(model, t)[np.array(m[1:])] for t, m in (encode_sft(r, tok) for r in data["sft"].records)]
     assert scores["values"]["loss"] == pytest.approx(np.concatenate(nll).mean(), rel=1e-5)  # as above
     replies = [g["reply"] for g in scores["generations"]]
-    assert scores["values"]["exact_match"] == exact_match(
-        replies, ["one", "blue sky", "grass", "paris is red"]
-    )
+    assert scores["values"]["exact_match"] == exact_match(replies, ["one", "blue sky", "grass", "paris is red"])
     assert scores["logps"]["chosen"].shape == (3,)
 
 
@@ -298,9 +290,7 @@ def test_run_eval_writes_the_table_with_rewards_against_the_first_column(tmp_pat
         for p in PAIRS
     ]
     ref, pol = reference_logps(base, pairs, 4, False, 0), reference_logps(other, pairs, 4, False, 0)
-    margins = reward_margins(
-        pol["chosen"], pol["rejected"], ref["chosen"], ref["rejected"], Config().dpo.beta
-    )
+    margins = reward_margins(pol["chosen"], pol["rejected"], ref["chosen"], ref["rejected"], Config().dpo.beta)
     assert rows["reward_accuracy"]["tiny1"] == pytest.approx(np.mean(margins > 0))
     assert rows["reward_margin"]["tiny1"] == pytest.approx(np.mean(margins), abs=1e-6)
     assert set(paths) == {"json", "markdown", "png"}

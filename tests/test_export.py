@@ -86,11 +86,7 @@ def test_hf_export_layout(runs, hf_export):
     assert set(index["weight_map"]) == base_keys
     assert all(p.stat().st_size <= 40_000 + 1_000 or len(mx.load(str(p))) == 1 for p in shards)  # + header
     config = json.loads((out / "config.json").read_text())
-    assert (
-        config["torch_dtype"] == "float32"
-        and "quantization" not in config
-        and "quantization_config" not in config
-    )
+    assert config["torch_dtype"] == "float32" and "quantization" not in config and "quantization_config" not in config
     assert {"tokenizer.json", "tokenizer_config.json", "README.md"} <= {p.name for p in out.iterdir()}
     card = (out / "README.md").read_text()
     assert "PiSSA" in card and "NF4" in card and "| sft | final_loss |" in card
@@ -213,11 +209,7 @@ def test_plain_lora_run_exports_its_trained_factors_at_rank_r():
 
 
 def test_parse_size():
-    assert (
-        parse_size("5GB") == 5 * 10**9
-        and parse_size("500MB") == 5 * 10**8
-        and parse_size("2GiB") == 2 * 2**30
-    )
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("500MB") == 5 * 10**8 and parse_size("2GiB") == 2 * 2**30
     assert parse_size("1.5KB") == 1500 and parse_size("123") == 123
     for bad in ("", "GB", "5 parsecs", "-1GB", "0"):
         with pytest.raises(ForgeError, match="shard-size"):
@@ -246,9 +238,7 @@ def test_tied_lm_head_and_quantization_companions_follow_the_base(tmp_path):
         "model.embed_tokens.biases": mx.ones((3, 1)),
     }
     mx.save_safetensors(str(tmp_path / "model.safetensors"), base)
-    out = match_base_names(
-        {"model.embed_tokens.weight": embed * 2}, tmp_path, mx.float32, log=lambda *a: None
-    )
+    out = match_base_names({"model.embed_tokens.weight": embed * 2}, tmp_path, mx.float32, log=lambda *a: None)
     assert sorted(out) == ["lm_head.weight", "model.embed_tokens.weight", "rotary.inv_freq"]
     assert np.array_equal(np.array(out["lm_head.weight"]), np.array(embed))
     mx.save_safetensors(str(tmp_path / "model.safetensors"), {"model.embed_tokens.weight": mx.ones((4, 3))})

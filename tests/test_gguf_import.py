@@ -86,9 +86,7 @@ def hf_weights(tied: bool, seed: int = 0) -> dict[str, np.ndarray]:
 def gguf_tensors(weights: dict[str, np.ndarray]) -> list[tuple[str, np.ndarray, Q]]:
     """(gguf name, HF-order float32 tensor, storage type) for every tensor of the tiny model."""
     globals_ = {"token_embd.weight": Q.F16, "output_norm.weight": Q.F32, "output.weight": Q.Q8_0}
-    out = [
-        (name, weights[hf_name(name)], kind) for name, kind in globals_.items() if hf_name(name) in weights
-    ]
+    out = [(name, weights[hf_name(name)], kind) for name, kind in globals_.items() if hf_name(name) in weights]
     for i, types in enumerate(LAYER_TYPES):
         for part, kind in {**types, "attn_norm": Q.F32, "ffn_norm": Q.F32}.items():
             name = f"blk.{i}.{part}.weight"
@@ -172,9 +170,7 @@ def assert_weights_equal(imported: dict[str, np.ndarray], reference: dict[str, n
 @pytest.mark.parametrize("rows, n_head", [(64, 4), (32, 2), (576, 9), (192, 3)])
 def test_unpermute_inverts_llama_cpp_permute(rows, n_head):
     w = np.random.default_rng(rows).standard_normal((rows, 40)).astype(np.float32)
-    np.testing.assert_array_equal(
-        unpermute_qk(llama_cpp_permute(w, n_head), n_head), w
-    )  # exact: pure reindexing
+    np.testing.assert_array_equal(unpermute_qk(llama_cpp_permute(w, n_head), n_head), w)  # exact: pure reindexing
     np.testing.assert_array_equal(llama_cpp_permute(unpermute_qk(w, n_head), n_head), w)
     np.testing.assert_array_equal(unpermute_qk(w, n_head), inverse_permute_by_index(w, n_head))
     np.testing.assert_array_equal(np.array(unpermute_qk(mx.array(w), n_head)), unpermute_qk(w, n_head))
@@ -352,9 +348,7 @@ def smollm2(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_smollm2_weights_equal_gguf_py_dequant(smollm2):
     config = json.loads((smollm2 / "config.json").read_text())
-    reference = reference_weights(
-        default_gguf_path(), config["num_attention_heads"], config["num_key_value_heads"]
-    )
+    reference = reference_weights(default_gguf_path(), config["num_attention_heads"], config["num_key_value_heads"])
     assert_weights_equal(load_file(smollm2 / "model.safetensors"), reference)  # atol 0, see there
     assert config["tie_word_embeddings"] is True and "lm_head.weight" not in reference
 
@@ -372,17 +366,13 @@ def varied_strings(n: int = 300) -> list[str]:
         "https://huggingface.co", "'s", "'S", "--", "©",
     ]  # fmt: skip
     rng = random.Random(0)
-    return pieces + [
-        "".join(rng.choice(pieces) for _ in range(rng.randint(2, 8))) for _ in range(n - len(pieces))
-    ]
+    return pieces + ["".join(rng.choice(pieces) for _ in range(rng.randint(2, 8))) for _ in range(n - len(pieces))]
 
 
 def whitespace_before_number(text: str) -> bool:
     """Two whitespace characters then a number: where llama.cpp's smollm \\p{N} split changes the tokens."""
     cats = [unicodedata.category(c) for c in text]
-    return any(
-        text[i].isspace() and text[i + 1].isspace() and cats[i + 2][0] == "N" for i in range(len(text) - 2)
-    )
+    return any(text[i].isspace() and text[i + 1].isspace() and cats[i + 2][0] == "N" for i in range(len(text) - 2))
 
 
 @pytest.mark.slow
@@ -423,9 +413,7 @@ def test_smollm2_weights_and_config_match_transformers_gguf_loader(smollm2):
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
     gguf_path = default_gguf_path()
-    reference = AutoModelForCausalLM.from_pretrained(
-        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
-    )
+    reference = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
     ours = LlamaForCausalLM.from_pretrained(smollm2)
     ref_state, our_state = reference.state_dict(), ours.state_dict()
     assert ref_state.keys() == our_state.keys()

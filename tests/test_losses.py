@@ -153,9 +153,7 @@ def test_chunked_equals_unchunked_values_and_gradients(tied, chunk_size):
     # absolute on the loss and rtol 1e-5 / atol 1e-7 on gradients (entries are O(1e-3 .. 1e-1)).
     assert loss.item() == pytest.approx(ref_loss.item(), abs=1e-6)
     for name in ref_g:
-        np.testing.assert_allclose(
-            np.array(g[name]), np.array(ref_g[name]), rtol=1e-5, atol=1e-7, err_msg=name
-        )
+        np.testing.assert_allclose(np.array(g[name]), np.array(ref_g[name]), rtol=1e-5, atol=1e-7, err_msg=name)
     head_grad = "model.embed_tokens.weight" if tied else "lm_head.weight"
     assert np.abs(np.array(g[head_grad])).max() > 0  # the head does receive gradient through the checkpoint
 
@@ -179,9 +177,7 @@ def numpy_dpo(pc, pr, rc, rr, beta, loss_type, ls):
         "sigmoid": lambda: -log_sigmoid(beta * logits) * (1 - ls) - log_sigmoid(-beta * logits) * ls,
         "ipo": lambda: (logits - 1 / (2 * beta)) ** 2,
         "hinge": lambda: np.maximum(0.0, 1 - beta * logits),
-        "robust": lambda: (
-            (-log_sigmoid(beta * logits) * (1 - ls) + log_sigmoid(-beta * logits) * ls) / (1 - 2 * ls)
-        ),
+        "robust": lambda: (-log_sigmoid(beta * logits) * (1 - ls) + log_sigmoid(-beta * logits) * ls) / (1 - 2 * ls),
     }[loss_type]()
     chosen, rejected = beta * (pc - rc), beta * (pr - rr)
     metrics = {
@@ -221,9 +217,7 @@ CASES = [
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_dpo_loss_matches_numpy(loss_type, ls, beta, seed):
     logps = random_logps(seed, average=loss_type == "ipo")
-    loss, metrics = dpo_loss(
-        *(mx.array(x) for x in logps), beta=beta, loss_type=loss_type, label_smoothing=ls
-    )
+    loss, metrics = dpo_loss(*(mx.array(x) for x in logps), beta=beta, loss_type=loss_type, label_smoothing=ls)
     ref_loss, ref_metrics = numpy_dpo(*logps, beta, loss_type, ls)
     # Inputs are shared fp32 values; fp32 arithmetic on log-ratios of size <= ~100 costs ~1e-5 absolute.
     assert loss.item() == pytest.approx(ref_loss, rel=1e-5, abs=1e-5)

@@ -119,9 +119,7 @@ def test_qpissa_iterations_against_the_formula():
     # Iteration 1 is PiSSA then quantize: its error is ||W - Q(W_res) - W_r|| / ||W|| with W_res = W - W_r.
     a1, b1, res1 = pissa_factors(mx.array(w), 8, 2.0)
     expected = rel(np.array(quant(res1)) + 2.0 * (np.array(a1) @ np.array(b1)).T, w)
-    assert errors[0] == pytest.approx(
-        expected, rel=1e-4
-    )  # both fp32 norms of the same arrays; 1e-4 is round-off
+    assert errors[0] == pytest.approx(expected, rel=1e-4)  # both fp32 norms of the same arrays; 1e-4 is round-off
     # The returned iterate is the best one, and its error is what the reported minimum says.
     got = rel(np.array(quant(residual)) + 2.0 * (np.array(lora_a) @ np.array(lora_b)).T, w)
     assert got == pytest.approx(min(errors), rel=1e-4)

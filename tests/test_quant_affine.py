@@ -34,9 +34,7 @@ def test_affine_dequantize_matches_numpy_and_error_is_one_step(bits, group_size)
     # MLX shifts the grid so 0 is exact, so rounding is within one step (not half) of the group's scale
     step = np.repeat(np.abs(np.array(layer.scales)), group_size, axis=1)
     assert (np.abs(deq - w) <= step * (1 + 1e-5)).all()
-    assert np.array_equal(
-        np.array(quantize_dequantize(mx.array(w), "affine", group_size=group_size, bits=bits)), deq
-    )
+    assert np.array_equal(np.array(quantize_dequantize(mx.array(w), "affine", group_size=group_size, bits=bits)), deq)
 
 
 def test_affine_forward_matches_dense_matmul():
@@ -50,9 +48,7 @@ def test_affine_forward_matches_dense_matmul():
 
 
 def test_group_size_error_names_the_layer_and_the_valid_sizes():
-    with pytest.raises(
-        ForgeError, match=r"layers.2.mlp.down_proj: group size 64 .* 96 input .*sizes here: 32\)"
-    ):
+    with pytest.raises(ForgeError, match=r"layers.2.mlp.down_proj: group size 64 .* 96 input .*sizes here: 32\)"):
         make_residual(mx.zeros((8, 96)), "affine", name="layers.2.mlp.down_proj")
     with pytest.raises(ForgeError, match="o_proj.*none, keep this layer unquantized"):
         affine_linear(mx.zeros((8, 100)), 32, name="o_proj")

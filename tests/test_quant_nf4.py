@@ -229,9 +229,7 @@ def test_matches_bitsandbytes(shape, blocksize, double_quant, dtype):
     import torch
 
     w = torch.randn(shape, generator=torch.Generator().manual_seed(6)).to(getattr(torch, dtype))
-    packed, state = F.quantize_4bit(
-        w, blocksize=blocksize, compress_statistics=double_quant, quant_type="nf4"
-    )
+    packed, state = F.quantize_4bit(w, blocksize=blocksize, compress_statistics=double_quant, quant_type="nf4")
     t = quantize_nf4(mx.array(w.float().numpy()).astype(getattr(mx, dtype)), blocksize, double_quant)
     np.testing.assert_array_equal(np.array(t.packed), packed.numpy().reshape(-1))
     if not double_quant:
@@ -261,9 +259,7 @@ def test_double_quant_matches_bitsandbytes_when_the_offset_is_exact():
     rng = np.random.default_rng(7)
     w = rng.uniform(-1, 1, (64, 64)).astype(F32)
     w[np.arange(64), rng.integers(0, 64, 64)] = rng.integers(256, 1024, 64) / 256 * rng.choice([-1, 1], 64)
-    packed, state = F.quantize_4bit(
-        torch.from_numpy(w), blocksize=64, compress_statistics=True, quant_type="nf4"
-    )
+    packed, state = F.quantize_4bit(torch.from_numpy(w), blocksize=64, compress_statistics=True, quant_type="nf4")
     t = quantize_nf4(mx.array(w), 64, True)
     np.testing.assert_array_equal(np.array(t.packed), packed.numpy().reshape(-1))
     assert np.array(t.offset) == state.offset.numpy()

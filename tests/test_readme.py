@@ -10,7 +10,10 @@ README = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8"
 
 def test_readme_opens_with_demo_and_test():
     first_block = README.split("```")[1]
-    assert [line.split("#")[0].strip() for line in first_block.strip().splitlines()[1:]] == ["make demo", "make test"]
+    assert [line.split("#")[0].strip() for line in first_block.strip().splitlines()[1:]] == [
+        "make demo",
+        "make test",
+    ]
 
 
 def test_every_config_key_is_documented():

@@ -264,16 +264,10 @@ def test_nonfinite_loss_skips_the_step_then_stops_with_the_last_good_checkpoint(
         (4, "skipped_nonfinite_loss"),
     ]
     assert {r["loss"] for r in records if "event" in r} == {str(bad)}
-    assert all(
-        math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in records if "event" not in r
-    )
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in records if "event" not in r)
     after = {k: np.array(v) for k, v in adapter_weights(model).items()}
     path, record = ckpt.latest_good(tmp_path / "bad", "sft")
-    assert (
-        path.name == "sft-000003"
-        and record["step"] == 3
-        and all(ckpt.verify(p) for p in path.parent.iterdir())
-    )
+    assert path.name == "sft-000003" and record["step"] == 3 and all(ckpt.verify(p) for p in path.parent.iterdir())
     assert helpers.max_abs_diff(helpers.load_arrays(path / "adapters.safetensors"), after) == 0.0
     assert all(np.isfinite(v).all() for v in after.values())
     # the skipped steps changed nothing: three clean steps over the same good micro-batches give these weights

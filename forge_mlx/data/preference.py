@@ -34,9 +34,7 @@ def encode_preference(example: Record, tokenizer: Any, *, use_chat_template: boo
     data = example.data
     chat_form = isinstance(data["prompt"], list)
     if chat_form and not has_chat_template(tokenizer):
-        raise ForgeError(
-            "the tokenizer has no chat template", where=example.where("prompt"), hint=NO_TEMPLATE_HINT
-        )
+        raise ForgeError("the tokenizer has no chat template", where=example.where("prompt"), hint=NO_TEMPLATE_HINT)
     if not chat_form and not (use_chat_template and has_chat_template(tokenizer)):
         return PreferencePair(
             *(raw_example(tokenizer, data["prompt"], data[k], example) for k in ("chosen", "rejected"))
@@ -47,9 +45,7 @@ def encode_preference(example: Record, tokenizer: Any, *, use_chat_template: boo
     else:
         prompt, tools = [{"role": "user", "content": data["prompt"]}], None
         replies = tuple([{"role": "assistant", "content": data[k]}] for k in ("chosen", "rejected"))
-    return PreferencePair(
-        *(chat_example(tokenizer, prompt + reply, tools, len(prompt), example) for reply in replies)
-    )
+    return PreferencePair(*(chat_example(tokenizer, prompt + reply, tools, len(prompt), example) for reply in replies))
 
 
 def encode_preference_split(
@@ -73,5 +69,6 @@ def encode_preference_split(
         else:
             truncated += any(new is not old for new, old in zip(fitted, pair, strict=True))
             pairs.append(PreferencePair(*fitted))
-    return checked_split(dataset, EncodedSplit(pairs, truncated, dropped, no_target, len(dataset.skipped)),
-                         max_seq_length)
+    return checked_split(
+        dataset, EncodedSplit(pairs, truncated, dropped, no_target, len(dataset.skipped)), max_seq_length
+    )

@@ -71,9 +71,7 @@ def _all_targets(n: int) -> list[bool]:
     return [False] + [True] * (n - 1)
 
 
-def chat_example(
-    tokenizer: Any, messages: list[dict], tools: list | None, first: int, example: Record
-) -> SFTExample:
+def chat_example(tokenizer: Any, messages: list[dict], tools: list | None, first: int, example: Record) -> SFTExample:
     """Render through the chat template and supervise the assistant turns at index >= `first`.
 
     Each turn's span is found by rendering the conversation prefix by prefix: the span runs from the end of
@@ -81,9 +79,7 @@ def chat_example(
     end-of-turn, e.g. <|im_end|>), so the template's trailing newline is not a target.
     """
     if not has_chat_template(tokenizer):
-        raise ForgeError(
-            "the tokenizer has no chat template", where=example.where("messages"), hint=NO_TEMPLATE_HINT
-        )
+        raise ForgeError("the tokenizer has no chat template", where=example.where("messages"), hint=NO_TEMPLATE_HINT)
     full = render_chat(tokenizer, messages, tools, False, example)
     mask = [False] * len(full)
     stops = end_of_turn_ids(tokenizer)
@@ -196,8 +192,9 @@ def encode_sft_split(
         else:
             truncated += fitted is not example
             examples.append(fitted)
-    return checked_split(dataset, EncodedSplit(examples, truncated, dropped, no_target, len(dataset.skipped)),
-                         max_seq_length)
+    return checked_split(
+        dataset, EncodedSplit(examples, truncated, dropped, no_target, len(dataset.skipped)), max_seq_length
+    )
 
 
 def checked_split(dataset: Dataset, split: EncodedSplit, max_seq_length: int) -> EncodedSplit:

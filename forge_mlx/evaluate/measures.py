@@ -57,9 +57,7 @@ def matches(predictions: Sequence[str], references: Sequence[str], extractor: st
     """Per-example exact match of the extracted prediction against the extracted reference."""
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
-    graded = [
-        (extract(p, extractor), extract(r, extractor)) for p, r in zip(predictions, references, strict=True)
-    ]
+    graded = [(extract(p, extractor), extract(r, extractor)) for p, r in zip(predictions, references, strict=True)]
     return [p is not None and p == r for p, r in graded]
 
 
@@ -82,9 +80,7 @@ def reward_margins(
     beta: float,
 ) -> np.ndarray:
     """(N,) DPO implicit reward margins beta * ((pc - rc) - (pr - rr)), Rafailov et al. 2023 Eq. 5."""
-    pc, pr, rc, rr = (
-        np.asarray(a, np.float64) for a in (policy_chosen, policy_rejected, ref_chosen, ref_rejected)
-    )
+    pc, pr, rc, rr = (np.asarray(a, np.float64) for a in (policy_chosen, policy_rejected, ref_chosen, ref_rejected))
     return beta * ((pc - rc) - (pr - rr))
 
 

@@ -49,9 +49,7 @@ class Candidate:
 
     @property
     def description(self) -> str:
-        return (
-            f"{self.run} (trained adapters over {self.model})" if self.run else f"{self.model} (no adapters)"
-        )
+        return f"{self.run} (trained adapters over {self.model})" if self.run else f"{self.model} (no adapters)"
 
 
 @dataclass(frozen=True)
@@ -68,9 +66,7 @@ def is_run_dir(path: str | Path) -> bool:
     return (Path(path) / RESOLVED_CONFIG).is_file()
 
 
-def candidates(
-    model_or_run: str, adapter: str | None = None, compare: tuple[str, ...] = ()
-) -> list[Candidate]:
+def candidates(model_or_run: str, adapter: str | None = None, compare: tuple[str, ...] = ()) -> list[Candidate]:
     """Columns: base first (the reference for DPO rewards), then the tuned run, then each --compare entry."""
     if is_run_dir(model_or_run):
         if adapter:
@@ -199,21 +195,14 @@ def generation_scores(model, tokenizer, dataset: Dataset, options: EvalOptions) 
         {"prompt": p.text, "reference": p.reference, "reply": r, "match": h}
         for p, r, h in zip(prompts, replies, hits, strict=True)
     ]
-    note = (
-        f"{len(prompts)} prompts, greedy, at most {options.max_tokens} new tokens, "
-        f"extractor '{options.extractor}'"
-    )
+    note = f"{len(prompts)} prompts, greedy, at most {options.max_tokens} new tokens, extractor '{options.extractor}'"
     return {"exact_match": sum(hits) / len(hits)}, rows, note
 
 
-def preference_logps(
-    model, tokenizer, dataset: Dataset, encoding: Config, batch_size: int
-) -> tuple[dict, str]:
+def preference_logps(model, tokenizer, dataset: Dataset, encoding: Config, batch_size: int) -> tuple[dict, str]:
     """Summed completion log-probs of chosen and rejected, per pair (the same function as DPO's reference)."""
     d = encoding.data
-    pairs = encode_preference_split(
-        dataset, tokenizer, max_seq_length=d.max_seq_length, overlong=d.overlong
-    ).examples
+    pairs = encode_preference_split(dataset, tokenizer, max_seq_length=d.max_seq_length, overlong=d.overlong).examples
     logps = reference_logps(model, pairs, batch_size, False, pad_id(tokenizer))
     model.eval()  # reference_logps leaves the model in training mode
     note = (
@@ -238,9 +227,7 @@ def score_model(
     """Every measure for one model: scalar values, per-prompt generations, raw preference log-probs."""
     scores: dict[str, Any] = {"values": {}, "notes": {}}
     if "loss" in measures:
-        values, scores["notes"]["loss"] = loss_scores(
-            model, tokenizer, data["sft"], encoding, options.batch_size
-        )
+        values, scores["notes"]["loss"] = loss_scores(model, tokenizer, data["sft"], encoding, options.batch_size)
         scores["values"].update(values)
     if "generate" in measures:
         values, scores["generations"], scores["notes"]["exact_match"] = generation_scores(
@@ -268,9 +255,7 @@ def run_eval(
     from forge_mlx.evaluate.report import write_report
 
     if options.extractor not in EXTRACTORS:
-        raise ForgeError(
-            f"unknown extractor '{options.extractor}'", hint=f"use one of {', '.join(EXTRACTORS)}"
-        )
+        raise ForgeError(f"unknown extractor '{options.extractor}'", hint=f"use one of {', '.join(EXTRACTORS)}")
     columns = candidates(model_or_run, adapter, compare)
     run = next((c.run for c in columns if c.run), None)
     encoding = run_config(run) if run else Config()  # a run is scored with the encoding it was trained with

@@ -105,17 +105,11 @@ def export_run(
     """
     run_dir, out = Path(run_dir), Path(out)
     if fmt not in FORMATS:
-        raise ForgeError(
-            f"unknown export format '{fmt}'", where="--format", hint=f"use one of {', '.join(FORMATS)}"
-        )
+        raise ForgeError(f"unknown export format '{fmt}'", where="--format", hint=f"use one of {', '.join(FORMATS)}")
     if dtype is not None and dtype not in EXPORT_DTYPES:
-        raise ForgeError(
-            f"unknown dtype '{dtype}'", where="--dtype", hint=f"use one of {', '.join(EXPORT_DTYPES)}"
-        )
+        raise ForgeError(f"unknown dtype '{dtype}'", where="--dtype", hint=f"use one of {', '.join(EXPORT_DTYPES)}")
     if dry_run and not push_to_hub_repo:
-        raise ForgeError(
-            "--dry-run previews a push", where="--dry-run", hint="give --push-to-hub REPO as well"
-        )
+        raise ForgeError("--dry-run previews a push", where="--dry-run", hint="give --push-to-hub REPO as well")
     shard_bytes = parse_size(shard_size)
     config = run_config(run_dir)
     adapter_meta(run_dir)

@@ -134,8 +134,7 @@ def conversion_error(
     converted = logits_of(model, inputs)
     diffs = [mx.abs(t - c) for t, c in zip(trained, converted, strict=True)]
     agree = sum(
-        int((mx.argmax(t, -1) == mx.argmax(c, -1)).sum().item())
-        for t, c in zip(trained, converted, strict=True)
+        int((mx.argmax(t, -1) == mx.argmax(c, -1)).sum().item()) for t, c in zip(trained, converted, strict=True)
     )
     tokens = sum(len(ids) for ids in inputs)
     return {

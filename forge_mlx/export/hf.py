@@ -45,9 +45,7 @@ def parse_size(text: str) -> int:
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
     unit = match.group(2).upper() if match else None
     if unit not in SIZE_UNITS or float(match.group(1)) <= 0:
-        raise ForgeError(
-            f"shard size '{text}' is not a size", where="--shard-size", hint="e.g. 5GB, 500MB, 2GiB"
-        )
+        raise ForgeError(f"shard size '{text}' is not a size", where="--shard-size", hint="e.g. 5GB, 500MB, 2GiB")
     return int(float(match.group(1)) * SIZE_UNITS[unit])
 
 
@@ -82,9 +80,7 @@ def base_weight_files(base_dir: Path) -> list[Path]:
     return sorted(base_dir.glob("model*.safetensors"))
 
 
-def match_base_names(
-    weights: dict[str, mx.array], base_dir: Path, dtype: mx.Dtype, log=print
-) -> dict[str, mx.array]:
+def match_base_names(weights: dict[str, mx.array], base_dir: Path, dtype: mx.Dtype, log=print) -> dict[str, mx.array]:
     """The weights under the base checkpoint's key set: keys mlx-lm's sanitize dropped (a tied lm_head, rotary
     buffers) come back verbatim from the base file; quantization companions (.scales/.biases) are left out."""
     out = dict(weights)
@@ -166,9 +162,7 @@ def copy_tokenizer_files(base_dir: Path, out: Path) -> list[str]:
     return copied
 
 
-def export_hf(
-    model: nn.Module, base_dir: Path, out: Path, dtype: str, shard_bytes: int, log=print
-) -> list[str]:
+def export_hf(model: nn.Module, base_dir: Path, out: Path, dtype: str, shard_bytes: int, log=print) -> list[str]:
     """Write the merged model into `out` (weights, config, tokenizer files); returns the files written."""
     weights = match_base_names(dense_weights(model, getattr(mx, dtype)), base_dir, getattr(mx, dtype), log)
     files = write_safetensors(weights, out, shard_bytes)

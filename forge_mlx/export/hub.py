@@ -14,9 +14,7 @@ from forge_mlx.model_files import is_hub_id
 
 def upload_plan(folder: Path) -> list[tuple[str, int]]:
     """(relative path, bytes) of every file under `folder`, as upload_folder would send them."""
-    return sorted(
-        (p.relative_to(folder).as_posix(), p.stat().st_size) for p in folder.rglob("*") if p.is_file()
-    )
+    return sorted((p.relative_to(folder).as_posix(), p.stat().st_size) for p in folder.rglob("*") if p.is_file())
 
 
 def human(size: int) -> str:
@@ -41,9 +39,7 @@ def push_to_hub(folder: Path, repo: str, *, dry_run: bool = False, log=print) ->
         return plan
     token = os.environ.get("HF_TOKEN")
     if not token:
-        raise ForgeError(
-            "HF_TOKEN is not set", where="--push-to-hub", hint="export HF_TOKEN with a write token"
-        )
+        raise ForgeError("HF_TOKEN is not set", where="--push-to-hub", hint="export HF_TOKEN with a write token")
     from huggingface_hub import HfApi
 
     try:

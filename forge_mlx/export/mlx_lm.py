@@ -26,9 +26,7 @@ def block_key(path: str) -> tuple[int, str]:
     """'model.layers.3.self_attn.q_proj' -> (3, 'self_attn.q_proj'): mlx-lm's keys are relative to a block."""
     match = BLOCK_PATH.fullmatch(path)
     if match is None:
-        raise ForgeError(
-            f"'{path}' is not inside model.layers; mlx-lm adapters only cover transformer blocks"
-        )
+        raise ForgeError(f"'{path}' is not inside model.layers; mlx-lm adapters only cover transformer blocks")
     return int(match.group(1)), match.group(2)
 
 
@@ -58,14 +56,11 @@ def mlx_lm_config(factors: dict[str, LoraFactors], n_blocks: int, base_model: st
     }
 
 
-def export_mlx_lm(
-    factors: dict[str, LoraFactors], n_blocks: int, base_model: str, out: Path, dtype: str
-) -> list[str]:
+def export_mlx_lm(factors: dict[str, LoraFactors], n_blocks: int, base_model: str, out: Path, dtype: str) -> list[str]:
     config = mlx_lm_config(factors, n_blocks, base_model)
     lora = config["lora_parameters"]
     weights = {
-        k: v.astype(getattr(mx, dtype))
-        for k, v in uniform_factors(factors, lora["rank"], lora["scale"]).items()
+        k: v.astype(getattr(mx, dtype)) for k, v in uniform_factors(factors, lora["rank"], lora["scale"]).items()
     }
     mx.save_safetensors(str(out / WEIGHTS_FILE), weights, metadata={"format": "mlx"})
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")

@@ -54,12 +54,8 @@ def peft_config(factors: dict[str, LoraFactors], base_model: str) -> dict:
 
 
 def export_peft(factors: dict[str, LoraFactors], base_model: str, out: Path, dtype: str) -> list[str]:
-    mx.save_safetensors(
-        str(out / WEIGHTS_FILE), peft_weights(factors, getattr(mx, dtype)), metadata={"format": "pt"}
-    )
-    (out / CONFIG_FILE).write_text(
-        json.dumps(peft_config(factors, base_model), indent=2) + "\n", encoding="utf-8"
-    )
+    mx.save_safetensors(str(out / WEIGHTS_FILE), peft_weights(factors, getattr(mx, dtype)), metadata={"format": "pt"})
+    (out / CONFIG_FILE).write_text(json.dumps(peft_config(factors, base_model), indent=2) + "\n", encoding="utf-8")
     return [WEIGHTS_FILE, CONFIG_FILE]
 
 

@@ -94,5 +94,10 @@ def quantize_dequantize(weight: mx.array, kind: str, **options) -> mx.array:
 
 
 __all__ = [
-    "RESIDUAL_KINDS", "make_residual", "dequantize_residual", "quantize_dequantize", "cache_dequantized", "NF4Linear"
+    "RESIDUAL_KINDS",
+    "make_residual",
+    "dequantize_residual",
+    "quantize_dequantize",
+    "cache_dequantized",
+    "NF4Linear",
 ]

@@ -42,9 +42,7 @@ class PiSSALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.residual(x)
-        z = (
-            self.dropout(x).to(self.lora_a.dtype) @ self.lora_a
-        ) @ self.lora_b  # (..., in) -> (..., r) -> (..., out)
+        z = (self.dropout(x).to(self.lora_a.dtype) @ self.lora_a) @ self.lora_b  # (..., in) -> (..., r) -> (..., out)
         return y + (self.scale * z).to(x.dtype)
 
     def delta_weight(self) -> torch.Tensor:
@@ -78,9 +76,7 @@ def build_adapter(
     alpha = 2.0 * rank if alpha is None else alpha
     check_adapter_options((out_dims, in_dims), rank, alpha, init, residual, qpissa_iters, name)
     scale = alpha / rank
-    quant = dict(
-        group_size=group_size, bits=bits, blocksize=blocksize, double_quant=double_quant, dtype=dtype
-    )
+    quant = dict(group_size=group_size, bits=bits, blocksize=blocksize, double_quant=double_quant, dtype=dtype)
     errors: list[float] = []
     if init == "lora":
         lora_a, lora_b = lora_factors(in_dims, out_dims, rank, seed)
@@ -203,8 +199,7 @@ def load_adapter_weights(model: nn.Module, weights: dict[str, np.ndarray | torch
     if missing or unexpected:
         first = f"missing '{missing[0]}'" if missing else f"unexpected '{unexpected[0]}'"
         raise ForgeError(
-            f"adapter weights do not match the model: {first} "
-            f"({len(missing)} missing, {len(unexpected)} unexpected)",
+            f"adapter weights do not match the model: {first} ({len(missing)} missing, {len(unexpected)} unexpected)",
             hint="load them into a model adapted with the same targets",
         )
     with torch.no_grad():

@@ -49,9 +49,7 @@ def quantize_affine(
     q0 = torch.round(edge / scales)
     scales = torch.where(q0 != 0, edge / q0, scales)
     biases = torch.where(q0 == 0, torch.zeros_like(edge), edge)
-    q = torch.clamp(torch.round((groups - biases) / scales), 0, n_bins).to(
-        torch.int64
-    )  # (out, g, group_size)
+    q = torch.clamp(torch.round((groups - biases) / scales), 0, n_bins).to(torch.int64)  # (out, g, group_size)
     per_word = 32 // bits
     shifts = torch.arange(per_word, dtype=torch.int64, device=w.device) * bits
     words = (q.reshape(out_dims, -1, per_word) << shifts).sum(-1)  # (out, in*bits/32), < 2**32

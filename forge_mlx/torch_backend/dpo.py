@@ -102,9 +102,7 @@ def dpo_loss_fn(config: Config):
     return loss_fn
 
 
-def run_dpo(
-    model, tokenizer, config: Config, run_dir: Path, resume: bool, device: torch.device, log=print
-) -> dict:
+def run_dpo(model, tokenizer, config: Config, run_dir: Path, resume: bool, device: torch.device, log=print) -> dict:
     d, data = config.dpo, config.data
     encode = dict(max_seq_length=data.max_seq_length, overlong=data.overlong)
     train_set = encode_preference_split(

@@ -38,9 +38,7 @@ def token_logps(model: nn.Module, tokens: torch.Tensor, *, chunk_size: int | Non
         raise ForgeError(f"chunk_size must be a positive number of positions, got {chunk_size}")
     n = h.shape[1]
     chunks = [
-        checkpoint(
-            _target_logps, head, h[:, i : i + chunk_size], targets[:, i : i + chunk_size], use_reentrant=False
-        )
+        checkpoint(_target_logps, head, h[:, i : i + chunk_size], targets[:, i : i + chunk_size], use_reentrant=False)
         for i in range(0, n, chunk_size)
     ]
     return torch.cat(chunks, dim=1)  # (B, T-1)

@@ -95,9 +95,7 @@ def _polynomial(coefficients: tuple[float, ...], t: np.ndarray) -> np.ndarray:
 def erfinv(a: np.ndarray) -> np.ndarray:
     """MLX's float32 erfinv: t = log(1 - a^2), one of two polynomials in t, times a."""
     t = np.log(_fma(a, -a, 1.0))
-    return a * np.where(
-        np.abs(t) > np.float32(6.125), _polynomial(_ERFINV_TAIL, t), _polynomial(_ERFINV_CENTRE, t)
-    )
+    return a * np.where(np.abs(t) > np.float32(6.125), _polynomial(_ERFINV_TAIL, t), _polynomial(_ERFINV_CENTRE, t))
 
 
 def normal(shape: tuple[int, ...], k: np.ndarray) -> np.ndarray:

@@ -73,9 +73,7 @@ def dynamic_map() -> torch.Tensor:
     return torch.tensor(sorted(data), dtype=torch.float32)
 
 
-def _quantize_blocks(
-    x: torch.Tensor, code: torch.Tensor, blocksize: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _quantize_blocks(x: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest code of x/absmax per block (ties to the lower code), over x zero-padded to whole blocks."""
     blocks = -(-x.numel() // blocksize)
     padded = torch.zeros(blocks * blocksize, dtype=torch.float32)

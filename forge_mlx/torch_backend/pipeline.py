@@ -126,9 +126,7 @@ def sft_splits(config: Config, tokenizer, log=print):
     )
     train_set = encode_sft_split(load_split(d.train, "train", kind="sft"), tokenizer, **encode)
     valid_source = d.valid or (d.train if Path(d.train).is_dir() else None)
-    valid_data = (
-        load_split(valid_source, "valid", kind="sft", required=d.valid is not None) if valid_source else None
-    )
+    valid_data = load_split(valid_source, "valid", kind="sft", required=d.valid is not None) if valid_source else None
     valid_set = encode_sft_split(valid_data, tokenizer, **encode) if valid_data else None
     log(
         f"SFT data: {len(train_set.examples)} examples (truncated {train_set.truncated}, dropped "
@@ -142,9 +140,7 @@ def pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
-def run_sft(
-    model, tokenizer, config: Config, run_dir: Path, resume: bool, device: torch.device, log=print
-) -> dict:
+def run_sft(model, tokenizer, config: Config, run_dir: Path, resume: bool, device: torch.device, log=print) -> dict:
     t = config.train
     train_set, valid_set = sft_splits(config, tokenizer, log)
     pad = pad_id(tokenizer)
@@ -162,9 +158,7 @@ def run_sft(
         stream = BatchStream.from_state(train_set.examples, data_state, pad_id=pad)
     val = None
     if valid_set and valid_set.examples and t.val_batches:
-        val_list = [
-            sft_tensors(b, device)[0] for b in eval_batches(valid_set.examples, t.batch_size, pad_id=pad)
-        ]
+        val_list = [sft_tensors(b, device)[0] for b in eval_batches(valid_set.examples, t.batch_size, pad_id=pad)]
         val = lambda: val_list[: t.val_batches]  # noqa: E731
     spec = LoopSpec(
         "sft",
@@ -223,19 +217,14 @@ def prepare_model(config: Config, device: torch.device | None = None, log=print)
     torch.manual_seed(config.seed)
     log(f"loading {config.model}")
     model, tokenizer, model_config, device = load_model(config.model, config.dtype, device)
-    log(
-        f"adapting ({config.adapter.init}, rank {config.adapter.rank}, residual {config.adapter.residual}) "
-        f"on {device}"
-    )
+    log(f"adapting ({config.adapter.init}, rank {config.adapter.rank}, residual {config.adapter.residual}) on {device}")
     report = adapt(model, config, device, log)
     if config.train.grad_checkpoint:
         checkpoint_blocks(model)
     return model, tokenizer, model_config, device, report
 
 
-def run_training(
-    config: Config, resume: bool = False, log=print, device: torch.device | str | None = None
-) -> dict:
+def run_training(config: Config, resume: bool = False, log=print, device: torch.device | str | None = None) -> dict:
     """The whole job on torch; returns a summary that is also written to RUN/summary.json."""
     run_dir = prepare_run_dir(config, resume)
     device = pick_device(str(device)) if device is not None else None

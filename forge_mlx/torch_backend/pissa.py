@@ -50,12 +50,8 @@ def _principal_factors(
     w: torch.Tensor, rank: int, scale: float, niter: int | None, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     u, s, vt = principal_svd(w, rank, niter, seed)
-    sqrt_s = torch.sqrt(
-        s / scale
-    )  # (r,): dividing by scale makes scale * a @ b the rank-r part for any alpha
-    return (sqrt_s[:, None] * vt).T.contiguous(), (
-        u * sqrt_s
-    ).T.contiguous()  # lora_a (in, r), lora_b (r, out)
+    sqrt_s = torch.sqrt(s / scale)  # (r,): dividing by scale makes scale * a @ b the rank-r part for any alpha
+    return (sqrt_s[:, None] * vt).T.contiguous(), (u * sqrt_s).T.contiguous()  # lora_a (in, r), lora_b (r, out)
 
 
 def pissa_factors(

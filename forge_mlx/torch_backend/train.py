@@ -132,8 +132,7 @@ def accumulate(model: nn.Module, loss_fn: LossFn, batches: Batches, micro_batche
 def apply_update(optimizer: AdamW, total_weight: float, max_grad_norm: float) -> float:
     """Mean the summed gradients, clip, update; returns the gradient norm before clipping."""
     grads = {
-        k: p.grad / total_weight if p.grad is not None else torch.zeros_like(p)
-        for k, p in optimizer.params.items()
+        k: p.grad / total_weight if p.grad is not None else torch.zeros_like(p) for k, p in optimizer.params.items()
     }
     grads, norm = clip_grad_norm(grads, max_grad_norm)
     optimizer.update(grads)
@@ -174,9 +173,7 @@ def save_checkpoint(
     """checkpoints/<phase>-<step>/ as the MLX side writes it; the torch RNGs ride in optimizer.safetensors."""
 
     def write(folder: Path) -> None:
-        save_numpy_arrays(
-            folder / "adapters.safetensors", {k: to_numpy(v) for k, v in adapter_weights(model).items()}
-        )
+        save_numpy_arrays(folder / "adapters.safetensors", {k: to_numpy(v) for k, v in adapter_weights(model).items()})
         rng = {RNG_PREFIX + k: v.numpy() for k, v in rng_state(device).items()}
         save_numpy_arrays(folder / "optimizer.safetensors", {**optimizer.state_arrays(), **rng})
 
@@ -188,11 +185,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: AdamW, device: torc
     load_adapter_weights(model, load_file(str(path / "adapters.safetensors")))
     arrays = load_file(str(path / "optimizer.safetensors"))
     set_rng_state(
-        {
-            k[len(RNG_PREFIX) :]: torch.from_numpy(arrays.pop(k))
-            for k in list(arrays)
-            if k.startswith(RNG_PREFIX)
-        },
+        {k[len(RNG_PREFIX) :]: torch.from_numpy(arrays.pop(k)) for k in list(arrays) if k.startswith(RNG_PREFIX)},
         device,
     )
     optimizer.load_state_arrays(arrays)
@@ -241,8 +234,7 @@ def train_loop(
                 print(f"\n[{spec.phase}] step {step + 1}: non-finite loss ({step_loss}); update skipped")
                 if bad_in_row >= spec.max_bad_steps:
                     raise ForgeError(
-                        f"{bad_in_row} non-finite losses in a row; "
-                        "stopped with the last good checkpoint intact",
+                        f"{bad_in_row} non-finite losses in a row; stopped with the last good checkpoint intact",
                         where=str(run_dir),
                         hint="lower the learning rate or check the data",
                     )
@@ -298,9 +290,7 @@ def train_loop(
                     {"data": data_state(), "loss": step_loss},
                 )
             if interrupt.hit:
-                print(
-                    f"\n[{spec.phase}] interrupted: checkpoint written at step {step}; continue with --resume"
-                )
+                print(f"\n[{spec.phase}] interrupted: checkpoint written at step {step}; continue with --resume")
                 result.interrupted = True
                 break
     print()
