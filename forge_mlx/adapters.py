@@ -6,7 +6,6 @@ lora_B.weight = lora_b.T. Init factors are not stored: export recomputes them fr
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable, Sequence
 
@@ -16,14 +15,15 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from forge_mlx.errors import ForgeError
 from forge_mlx.pissa import lora_factors, pissa_factors, qpissa
-from forge_mlx.quant import RESIDUAL_KINDS, dequantize_residual, make_residual, quantize_dequantize
-
-TARGET_PRESETS = {
-    "attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
-    "all-linear": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-}
-ADAPTER_NAMES = ("lora_a", "lora_b")
-INIT_PATTERN = re.compile(r"pissa(?:_niter_(\d+))?|lora")
+from forge_mlx.quant import dequantize_residual, make_residual, quantize_dequantize
+from forge_mlx.targets import (  # noqa: F401  (TARGET_PRESETS and ADAPTER_NAMES are part of this module's API)
+    ADAPTER_NAMES,
+    TARGET_PRESETS,
+    check_adapter_options,
+    init_niter,
+    layer_ranks,
+    select_targets,
+)
 
 
 class PiSSALinear(nn.Module):
@@ -64,24 +64,6 @@ class PiSSALinear(nn.Module):
         return fused
 
 
-def _check_options(shape: tuple[int, int], rank: int, alpha: float, init: str, residual: str, iters: int, name: str):
-    where = name or None
-    if INIT_PATTERN.fullmatch(init) is None:
-        raise ForgeError(f"unknown init '{init}'", where=where, hint="use pissa, pissa_niter_N or lora")
-    if residual not in RESIDUAL_KINDS:
-        raise ForgeError(f"unknown residual '{residual}'", where=where, hint=f"use one of {', '.join(RESIDUAL_KINDS)}")
-    if not 1 <= rank <= min(shape):
-        raise ForgeError(
-            f"rank {rank} does not fit a {shape} layer",
-            where=where,
-            hint=f"use a rank from 1 to {min(shape)}, or set this layer's rank with rank_pattern",
-        )
-    if alpha <= 0:
-        raise ForgeError(f"alpha must be positive, got {alpha}", where=where)
-    if iters < 1:
-        raise ForgeError(f"qpissa_iters must be at least 1, got {iters}", where=where)
-
-
 def build_adapter(
     linear: nn.Module,
     rank: int,
@@ -111,7 +93,7 @@ def build_adapter(
     weight = dequantize_residual(linear)  # (out, in) fp32
     out_dims, in_dims = weight.shape
     alpha = 2.0 * rank if alpha is None else alpha
-    _check_options((out_dims, in_dims), rank, alpha, init, residual, qpissa_iters, name)
+    check_adapter_options((out_dims, in_dims), rank, alpha, init, residual, qpissa_iters, name)
     scale = alpha / rank
     quant = dict(group_size=group_size, bits=bits, blocksize=blocksize, double_quant=double_quant, dtype=dtype)
     errors: list[float] = []
@@ -119,8 +101,7 @@ def build_adapter(
         lora_a, lora_b = lora_factors(in_dims, out_dims, rank, seed)
         residual_weight = weight
     else:
-        niter = INIT_PATTERN.fullmatch(init).group(1)
-        niter = None if niter is None else int(niter)
+        niter = init_niter(init)
         if residual == "none":
             lora_a, lora_b, residual_weight = pissa_factors(weight, rank, scale, niter, seed)
         else:
@@ -135,48 +116,13 @@ def find_targets(model: nn.Module, targets: str | Sequence[str]) -> list[str]:
 
     Embeddings and lm_head are never targets: they live outside model.layers.
     """
-    if isinstance(targets, str):
-        if targets not in TARGET_PRESETS:
-            presets = " or ".join(TARGET_PRESETS)
-            raise ForgeError(f"unknown target preset '{targets}'", hint=f"use {presets} or a list of layer names")
-        targets = TARGET_PRESETS[targets]
     layer_ids = {id(layer) for layer in model.layers}
-    blocks = [(path, m) for path, m in model.named_modules() if id(m) in layer_ids]
-    blocks.sort(key=lambda item: int(item[0].rsplit(".", 1)[-1]))
-    found, available = [], set()
-    for prefix, block in blocks:
-        linears = [p for p, m in block.named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear))]
-        available.update(p.rsplit(".", 1)[-1] for p in linears)
-        for target in targets:
-            found += sorted(f"{prefix}.{p}" for p in linears if p.rsplit(".", 1)[-1] == target)
-    missing = [t for t in targets if t not in available]
-    if missing:
-        raise ForgeError(
-            f"target '{missing[0]}' matches no linear layer in model.layers",
-            hint=f"this model has {', '.join(sorted(available))}",
-        )
-    return found
-
-
-def _matches(path: str, key: str) -> bool:
-    return path == key or path.endswith("." + key)
-
-
-def layer_ranks(paths: Sequence[str], rank: int, rank_pattern: dict[str, int] | None) -> dict[str, int]:
-    """Rank per path: the longest rank_pattern key that is the path or its dotted suffix, else `rank`."""
-    pattern = rank_pattern or {}
-    for key in pattern:
-        if not any(_matches(p, key) for p in paths):
-            raise ForgeError(
-                f"key '{key}' matches no adapted layer",
-                where="rank_pattern",
-                hint=f"keys are a layer path or its dotted suffix, e.g. '{paths[0]}'",
-            )
-    ranks = {}
-    for path in paths:
-        keys = [k for k in pattern if _matches(path, k)]
-        ranks[path] = pattern[max(keys, key=len)] if keys else rank
-    return ranks
+    blocks = [
+        (path, [p for p, m in block.named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear))])
+        for path, block in model.named_modules()
+        if id(block) in layer_ids
+    ]
+    return select_targets(blocks, targets)
 
 
 def apply_adapters(

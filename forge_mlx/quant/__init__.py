@@ -8,8 +8,7 @@ import mlx.nn as nn
 from forge_mlx.errors import ForgeError
 from forge_mlx.quant.affine import affine_linear
 from forge_mlx.quant.nf4 import NF4Linear
-
-RESIDUAL_KINDS = ("none", "affine", "nf4")
+from forge_mlx.targets import RESIDUAL_KINDS  # noqa: E402
 
 
 def make_residual(
