@@ -8,7 +8,7 @@ import mlx.nn as nn
 from forge_mlx.errors import ForgeError
 from forge_mlx.quant.affine import affine_linear
 from forge_mlx.quant.nf4 import NF4Linear
-from forge_mlx.targets import RESIDUAL_KINDS  # noqa: E402
+from forge_mlx.targets import RESIDUAL_KINDS
 
 
 def make_residual(
