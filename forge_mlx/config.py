@@ -50,6 +50,10 @@ class AdapterConfig:
         True,
         "on a CPU device, forward 4-bit layers through a dequantized copy (BLAS speed, full-precision memory)",
     )
+    import_adapter: str | None = _opt(
+        None,
+        "a PEFT or mlx-lm LoRA adapter folder merged into the base weights (W + delta) before the PiSSA init",
+    )
 
 
 @dataclass

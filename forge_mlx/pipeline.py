@@ -9,10 +9,12 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
+import numpy as np
 from mlx.utils import tree_unflatten
 
 from forge_mlx import checkpoint as ckpt
 from forge_mlx import distributed as dist
+from forge_mlx.adapter_import import check_layers, merged_weight, read_adapter
 from forge_mlx.adapters import adapter_weights, apply_adapters, load_adapter_weights
 from forge_mlx.config import Config
 from forge_mlx.data.batching import BatchStream, eval_batches, shard
@@ -22,7 +24,7 @@ from forge_mlx.errors import ForgeError
 from forge_mlx.losses import sft_loss
 from forge_mlx.metrics_log import drop_metrics_after, plot_losses
 from forge_mlx.models import compute_dtype, load_model, on_gpu
-from forge_mlx.quant import cache_dequantized, make_residual
+from forge_mlx.quant import cache_dequantized, dequantize_residual, make_residual
 from forge_mlx.run_files import (
     ADAPTER_CONFIG,
     FINAL_ADAPTERS,
@@ -66,6 +68,32 @@ def quantize_frozen_linears(model: nn.Module, config: Config) -> int:
     return len(swaps)
 
 
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """(out, in) of a linear layer; a quantized one packs 32 // bits inputs into each uint32 column."""
+    out_dims, columns = module.weight.shape
+    return (out_dims, columns * 32 // module.bits) if isinstance(module, nn.QuantizedLinear) else (out_dims, columns)
+
+
+def merge_imported_adapter(model: nn.Module, path: str, dtype: mx.Dtype, log=print) -> int:
+    """Fold a PEFT or mlx-lm LoRA into every layer it touches, targeted or not, so the PiSSA init decomposes
+    the merged weights; returns how many layers were merged."""
+    imported = read_adapter(path)
+    linears = {p: m for p, m in model.named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear))}
+    check_layers(imported, {p: linear_shape(m) for p, m in linears.items()})
+    merged = []
+    for name, layer in imported.layers.items():
+        weight = merged_weight(np.array(dequantize_residual(linears[name])), layer)  # (out, in) fp32
+        bias = linears[name].get("bias")
+        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+        linear.weight = mx.array(weight).astype(dtype)
+        if bias is not None:
+            linear.bias = bias
+        merged.append((name, linear))
+    model.update_modules(tree_unflatten(merged))
+    log(f"  merged {len(merged)} layers of the {imported.kind} adapter {imported.path} into the base weights")
+    return len(merged)
+
+
 def adapt(model: nn.Module, config: Config, log=print) -> dict:
     """PiSSA (or LoRA) adapters on the targets over a quantized residual; only the adapters train."""
     a = config.adapter
@@ -76,6 +104,8 @@ def adapt(model: nn.Module, config: Config, log=print) -> dict:
         if done["n"] == 1 or done["n"] % 10 == 0:
             log(f"  init {done['n']} layers ({path}: {entry['seconds']:.2f} s)")
 
+    dtype = compute_dtype(config.dtype)
+    merged = merge_imported_adapter(model, a.import_adapter, dtype, log) if a.import_adapter else 0
     report = apply_adapters(
         model,
         targets=a.targets,
@@ -91,9 +121,10 @@ def adapt(model: nn.Module, config: Config, log=print) -> dict:
         bits=a.bits,
         blocksize=a.blocksize,
         double_quant=a.double_quant,
-        dtype=compute_dtype(config.dtype),
+        dtype=dtype,
         dropout=a.dropout,
     )
+    report["imported_layers_merged"] = merged
     report["frozen_linears_quantized"] = quantize_frozen_linears(model, config)
     if a.cpu_dequant_cache and not on_gpu():
         for _, module in model.named_modules():

@@ -1,7 +1,7 @@
 """PiSSA init (Meng et al. 2024, arXiv:2404.02948): adapters from the principal singular directions of W.
 
 Factors as mlx-lm's LoRALinear names them: lora_a (in, r), lora_b (r, out),
-y = residual(x) + scale * (x @ lora_a) @ lora_b. All fp32; MLX runs svd and qr on the CPU stream only.
+y = residual(x) + scale * (x @ lora_a) @ lora_b. All fp32; MLX runs svd, qr and lu on the CPU stream only.
 """
 
 from __future__ import annotations
@@ -32,18 +32,30 @@ def _orthonormal(x: mx.array) -> mx.array:
     return mx.linalg.qr(x, stream=mx.cpu)[0]
 
 
+def _lu_basis(x: mx.array) -> mx.array:
+    """A well-conditioned basis of x's columns for half a QR's cost: x = lower[rows] @ upper (partial pivoting)."""
+    rows, lower, _ = mx.linalg.lu(x, stream=mx.cpu)
+    return lower[rows]
+
+
 def randomized_svd(
     w: mx.array, rank: int, niter: int, seed: int = 0, oversample: int = OVERSAMPLE
 ) -> tuple[mx.array, mx.array, mx.array]:
-    """Top-`rank` SVD by subspace iteration (Halko et al. 2009, alg. 4.4 and 5.1), as PEFT's pissa_niter_N."""
+    """Top-`rank` SVD by subspace iteration (Halko et al. 2009, alg. 4.4 and 5.1), as PEFT's pissa_niter_N.
+
+    The power iterations renormalise with LU, as fbpca and scikit-learn do, and only the last basis with QR.
+    Every product keeps the large w as the right operand (x.T @ w): OpenBLAS is up to 2x faster that way.
+    """
     out_dims, in_dims = w.shape
     sketch = min(rank + oversample, out_dims, in_dims)
     omega = mx.random.normal((in_dims, sketch), key=mx.random.key(seed))  # (in, q)
-    basis = _orthonormal(w @ omega)  # (out, q)
+    span = (omega.T @ w.T).T  # (out, q) = w @ omega
     for _ in range(niter):
-        basis = _orthonormal(w @ _orthonormal(w.T @ basis))
+        row_basis = _lu_basis((_lu_basis(span).T @ w).T)  # (in, q): spans w.T @ span
+        span = (row_basis.T @ w.T).T  # (out, q) = w @ row_basis
+    basis = _orthonormal(span)  # (out, q)
     u, s, vt = thin_svd(basis.T @ w)  # (q, q), (q,), (q, in)
-    return (basis @ u)[:, :rank], s[:rank], vt[:rank]
+    return basis @ u[:, :rank], s[:rank], vt[:rank]
 
 
 def principal_svd(
@@ -68,7 +80,7 @@ def pissa_factors(
     """lora_a (in, r), lora_b (r, out), residual (out, in); residual + scale * (lora_a @ lora_b).T = w."""
     w = w.astype(mx.float32)
     lora_a, lora_b = _principal_factors(w, rank, scale, niter, seed)
-    return lora_a, lora_b, w - scale * (lora_a @ lora_b).T
+    return lora_a, lora_b, mx.addmm(w, lora_b.T, lora_a.T, alpha=-scale)  # one BLAS call: w - scale * b^T a^T
 
 
 def lora_factors(in_dims: int, out_dims: int, rank: int, seed: int = 0) -> tuple[mx.array, mx.array]:

@@ -68,13 +68,14 @@ def test_pissa_reconstructs_w_and_matches_numpy_svd(shape, alpha_of_rank):
     assert np.allclose(b @ b.T, np.diag(s[:rank] / scale), atol=1e-5 * s[0] / scale)
 
 
-def test_randomized_svd_spans_the_principal_subspace():
+@pytest.mark.parametrize("shape", [(96, 128), (128, 96)])
+def test_randomized_svd_spans_the_principal_subspace(shape):
     # Spectrum decaying 0.8x per direction: with r = 8, oversampling p = 10 and q = 4 power iterations,
     # Halko et al. (2009, sec. 10.4) bound the subspace error by ~(s_r+p+1 / s_r)^(2q+1) = 0.8^(11*9) ~ 1e-10,
     # so every principal angle's cosine is 1 up to fp32 round-off (0.99 leaves room for an unlucky sketch);
     # the products then agree to fp32 round-off too (~1e-6 seen; 1e-4 allowed).
     rank = 8
-    w = spectrum_matrix(96, 128, 0.8 ** np.arange(96), seed=3).astype(np.float32)
+    w = spectrum_matrix(*shape, 0.8 ** np.arange(96), seed=3).astype(np.float32)
     exact = [np.array(t, dtype=np.float64) for t in principal_svd(mx.array(w), rank)]
     sketch = [np.array(t, dtype=np.float64) for t in principal_svd(mx.array(w), rank, niter=4, seed=7)]
     assert cos_principal_angles(exact[0], sketch[0]).min() >= 0.99
@@ -82,6 +83,21 @@ def test_randomized_svd_spans_the_principal_subspace():
     lora_a, lora_b, _ = pissa_factors(mx.array(w), rank, 2.0, niter=4, seed=7)
     product = 2.0 * (np.array(lora_a, dtype=np.float64) @ np.array(lora_b, dtype=np.float64)).T
     assert rel(product, (exact[0] * exact[1]) @ exact[2]) < 1e-4
+
+
+@pytest.mark.parametrize("shape", [(96, 128), (128, 96)])
+def test_randomized_svd_of_a_rank_deficient_matrix(shape):
+    # W of exact rank 5 < the sketch's 18 columns: the LU renormalisation meets exactly singular blocks (zero
+    # pivots) and must still keep a full basis. The top 8 of a rank-5 W is W itself, so scale * a @ b rebuilds
+    # W up to fp32 round-off (~3e-7 seen; 1e-5 allowed) and singular values 6..8 are round-off (< 1e-5 s_1).
+    rng = np.random.default_rng(4)
+    w = (rng.standard_normal((shape[0], 5)) @ rng.standard_normal((5, shape[1]))).astype(np.float32)
+    _, s, _ = (np.array(t, dtype=np.float64) for t in principal_svd(mx.array(w), 8, niter=4))
+    lora_a, lora_b, residual = (np.array(t, dtype=np.float64) for t in pissa_factors(mx.array(w), 8, 2.0, niter=4))
+    assert rel(2.0 * (lora_a @ lora_b).T, w) < 1e-5
+    assert np.abs(residual).max() < 1e-5 * np.abs(w).max()
+    assert np.allclose(s[:5], np.linalg.svd(w.astype(np.float64), compute_uv=False)[:5], rtol=1e-5)
+    assert s[5:].max() < 1e-5 * s[0]
 
 
 def test_randomized_svd_is_seeded():

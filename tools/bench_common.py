@@ -24,11 +24,14 @@ THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def pin_threads(argv: Sequence[str] | None = None, default: int = 1) -> int:
-    """Set the BLAS/OpenMP thread count from `--threads N` (0 = library defaults) before mlx or torch is imported.
+    """Set the BLAS/OpenMP thread count from `--threads N` (0 = library defaults), then import forge_mlx (which
+    preloads OpenBLAS); call it before anything imports mlx or torch.
 
     On a shared machine both libraries are far steadier on one thread: with two, torch's OpenMP workers spin-wait
     behind other processes (10-20x slower SVDs were seen) and OpenBLAS loses ~30 %. Subprocesses inherit it.
     """
+    if "mlx.core" in sys.modules:
+        raise RuntimeError("pin_threads() must run before mlx is imported (OpenBLAS preload, thread count)")
     argv = sys.argv[1:] if argv is None else argv
     threads = default
     for i, arg in enumerate(argv):
@@ -39,6 +42,8 @@ def pin_threads(argv: Sequence[str] | None = None, default: int = 1) -> int:
     if threads > 0:
         for var in THREAD_VARS:
             os.environ[var] = str(threads)
+    import forge_mlx  # noqa: F401  (preloads OpenBLAS for mlx with the thread count above)
+
     return threads
 
 

@@ -21,15 +21,26 @@ from forge_mlx.metrics_log import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCH = Path(sys.executable).with_name("mlx.launch")
-SCRIPT = "import sys, forge_mlx\nfrom forge_mlx.config import load_config\nfrom forge_mlx.pipeline import run_training\n"
+SCRIPT = (
+    "import sys, forge_mlx\nfrom forge_mlx.config import load_config\nfrom forge_mlx.pipeline import run_training\n"
+)
 SCRIPT += "run_training(load_config(sys.argv[1]))\n"
 
 
 def run(config_file: Path, processes: int, script: Path) -> None:
     command = [sys.executable, str(script), str(config_file)]
     if processes > 1:
-        command = [str(LAUNCH), "-n", str(processes), "--backend", "ring", "--python", sys.executable, str(script),
-                   str(config_file)]
+        command = [
+            str(LAUNCH),
+            "-n",
+            str(processes),
+            "--backend",
+            "ring",
+            "--python",
+            sys.executable,
+            str(script),
+            str(config_file),
+        ]
     subprocess.run(command, check=True, cwd=ROOT, capture_output=True, text=True)
 
 
@@ -51,10 +62,19 @@ def main() -> None:
     results = {}
     for processes in (1, 2):
         run_dir = work / f"p{processes}"
-        config = load_config(args.config, [
-            f"output_dir={run_dir}", f"train.steps={args.steps}", "train.steps_per_report=1", "train.val_batches=0",
-            "train.grad_accum=1", "train.batch_size=4", "dpo.enabled=false", f"train.save_every={args.steps}",
-        ])
+        config = load_config(
+            args.config,
+            [
+                f"output_dir={run_dir}",
+                f"train.steps={args.steps}",
+                "train.steps_per_report=1",
+                "train.val_batches=0",
+                "train.grad_accum=1",
+                "train.batch_size=4",
+                "dpo.enabled=false",
+                f"train.save_every={args.steps}",
+            ],
+        )
         config_file = work / f"p{processes}.yaml"
         save_config(config, config_file)
         run(config_file, processes, script)
@@ -65,14 +85,18 @@ def main() -> None:
             "bytes_per_step_per_rank": meta["trainable_parameters"] * 4,  # one fp32 all_sum of the adapter grads
         }
     report = {
-        "config": args.config, "steps": args.steps, "results": results,
+        "config": args.config,
+        "steps": args.steps,
+        "results": results,
         "speedup_2_over_1": results[2]["tokens_per_s"] / results[1]["tokens_per_s"],
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(f"{'processes':>10} {'tokens/s':>10} {'all_sum MB/step':>16}")
     for processes, r in results.items():
-        print(f"{processes:>10} {r['tokens_per_s']:>10.1f} {r['bytes_per_step_per_rank'] / 1e6 if processes > 1 else 0:>16.1f}")
+        print(
+            f"{processes:>10} {r['tokens_per_s']:>10.1f} {r['bytes_per_step_per_rank'] / 1e6 if processes > 1 else 0:>16.1f}"
+        )
     print(f"2-process / 1-process tokens/s: {report['speedup_2_over_1']:.2f}x")
     shutil.rmtree(work, ignore_errors=True)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import bench_common as bc
 
-THREADS = bc.pin_threads()  # before mlx / torch load their thread pools
+THREADS = bc.pin_threads()  # thread count and OpenBLAS preload, before mlx or torch is imported
 
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
@@ -21,7 +21,6 @@ import numpy as np  # noqa: E402
 from bench_common import ROOT, header, interleaved, machine, median, ratio, table, timed, write_results  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
-import forge_mlx  # noqa: E402,F401  (preloads OpenBLAS before mlx)
 from forge_mlx.adapters import TARGET_PRESETS, apply_adapters, build_adapter  # noqa: E402
 from forge_mlx.models import load_model  # noqa: E402
 from forge_mlx.pissa import principal_svd, qpissa  # noqa: E402
@@ -52,7 +51,19 @@ def _torch():
     return torch, LoraConfig, get_peft_model, LoraLinear
 
 
-def whole_model(rank: int, reps: int, log=print) -> list[dict]:
+def _row(case: str, init: str, times: dict[str, list[float]]) -> dict:
+    forge_s, peft_s = median(times["forge"]), median(times["peft"])
+    return {
+        "case": case,
+        "init": init,
+        "forge_s": forge_s,
+        "peft_s": peft_s,
+        "ratio": ratio(forge_s, peft_s),
+        "runs": times,
+    }
+
+
+def whole_model(rank: int, reps: int, inits: tuple[str, ...] = METHODS, log=print) -> list[dict]:
     """All-linear adapters on every block of SmolLM2: forge apply_adapters vs PEFT get_peft_model (model load
     excluded from both; the model is reloaded before each timing because both rewrite it in place)."""
     torch, LoraConfig, get_peft_model, _ = _torch()
@@ -70,23 +81,11 @@ def whole_model(rank: int, reps: int, log=print) -> list[dict]:
         return timed(lambda: get_peft_model(model, config))
 
     rows = []
-    for init in METHODS:
+    for init in inits:
         log(f"whole model, all-linear r={rank}, {init}")
         times = interleaved({"forge": lambda i=init: forge(i), "peft": lambda i=init: peft(i)}, reps, log)
         rows.append(_row(f"SmolLM2 210 layers r={rank}", init, times))
     return rows
-
-
-def _row(case: str, init: str, times: dict[str, list[float]]) -> dict:
-    forge_s, peft_s = median(times["forge"]), median(times["peft"])
-    return {
-        "case": case,
-        "init": init,
-        "forge_s": forge_s,
-        "peft_s": peft_s,
-        "ratio": ratio(forge_s, peft_s),
-        "runs": times,
-    }
 
 
 def block(
@@ -234,8 +233,8 @@ def error_rows(model: str, errors: dict, ranks: list[int], iters: int) -> list[l
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="one repetition, fewer layers (~1 min)")
-    p.add_argument("--reps", type=int, default=3, help="interleaved repetitions per timing (median reported)")
+    p.add_argument("--quick", action="store_true", help="one round, no whole-model or 7B-block timing, 3 blocks")
+    p.add_argument("--reps", type=int, default=2, help="interleaved rounds per timing (median reported)")
     p.add_argument("--full-big", action="store_true", help="also full SVD of the 4096x4096 matrix (~1 min each)")
     p.add_argument("--all-layers", action="store_true", help="quantization error over all 30 SmolLM2 blocks")
     p.add_argument("--niter", type=int, default=None, help="QPiSSA with randomized SVD (default: exact SVD)")
@@ -256,14 +255,15 @@ def main(argv: list[str] | None = None) -> dict:
     print(header("bench_init: PiSSA init time and QPiSSA quantization error", info))
     results: dict = {"machine": info, "reps": reps}
     timing_rows = []
-    if "model" not in args.skip:
+    if "model" not in args.skip and not args.quick:
         timing_rows += whole_model(64, reps)
+        timing_rows += whole_model(16, reps, ("pissa_niter_4",))  # a full SVD costs the same at any rank
     if "block" not in args.skip:
         timing_rows += block(smollm_weights(ALL_LINEAR, [0]), "SmolLM2 block 0, 7 targets", 16, METHODS, reps)
-        timing_rows += block(random_block(), "7B-shaped block (random), 7 targets", 16, ("pissa_niter_4",), reps)
+        if not args.quick:
+            timing_rows += block(random_block(), "7B-shaped block (random), 7 targets", 16, ("pissa_niter_4",), reps)
     if "svd" not in args.skip:
-        for shape in ((4096, 4096), (14336, 4096)):
-            timing_rows += [single_svd(shape, r, 4, reps) for r in (16, 64)]
+        timing_rows += [single_svd(shape, 16, 4, reps) for shape in ((4096, 4096), (14336, 4096))]
         if args.full_big:
             timing_rows.append(single_svd((4096, 4096), 16, None, 1))
     results["timings"] = timing_rows

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import sys
 import tempfile
 import time
@@ -18,13 +19,11 @@ from pathlib import Path
 
 import bench_common as bc
 
-THREADS = bc.pin_threads()  # before mlx / torch load their thread pools
+THREADS = bc.pin_threads()  # thread count and OpenBLAS preload, before mlx or torch is imported
 
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 from bench_common import ROOT, emit, header, machine, median, ratio, run_worker, table, write_results  # noqa: E402
-
-import forge_mlx  # noqa: E402,F401  (preloads OpenBLAS before mlx)
 
 HF_MODEL = ROOT / "models" / "SmolLM2-135M-Instruct"
 MLX_4BIT = ROOT / "bench_results" / "models" / "SmolLM2-135M-Instruct-4bit-g64"
@@ -389,7 +388,7 @@ def worker_peft(spec: dict) -> dict:
         optimizer.zero_grad(set_to_none=True)
     clock = StepClock(iter(()), None)
     clock.marks, clock.shapes = [*marks, time.perf_counter()], shapes
-    return {"steps": clock.steps()}
+    return {"steps": clock.steps(), "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
 WORKERS = {
@@ -531,6 +530,7 @@ def dpo(base: dict, reps: int, steps: int) -> dict:
 
 
 def torch_section(base: dict, reps: int, log=print) -> dict | None:
+    """forge-mlx's torch backend vs PEFT + transformers PiSSA on CPU, fp32, rounds of both; None if no backend."""
     import importlib.util
 
     if importlib.util.find_spec("forge_mlx.torch_backend.bench") is None:
@@ -541,17 +541,14 @@ def torch_section(base: dict, reps: int, log=print) -> dict | None:
     for rep in range(reps):
         forge = call("torch", spec)
         runs["forge-mlx torch backend"].append(
-            {"effective_tok_s": forge["effective_tok_s"], "peak_gb": forge["peak_gb"]}
+            {"effective_tok_s": forge["effective_tok_s"], "peak_rss_gb": forge["peak_gb"]}
         )
-        peft = summarize(call("peft", spec)["steps"])
-        runs["PEFT + transformers"].append({"effective_tok_s": peft["all_steps_effective_tok_s"]})
-        log(
-            f"  [{rep + 1}/{reps}] torch backend {forge['effective_tok_s']:.0f} tok/s, "
-            f"PEFT {peft['all_steps_effective_tok_s']:.0f} tok/s (effective)"
-        )
-    return {
-        name: {"effective_tok_s": median([r["effective_tok_s"] for r in rs]), "runs": rs} for name, rs in runs.items()
-    }
+        peft = call("peft", {**spec, "steps": spec["steps"] + 2})
+        timed_steps = peft["steps"][2:]  # as the torch backend's timer: two untimed warm-up steps
+        tok_s = sum(s["real"] for s in timed_steps) / sum(s["seconds"] for s in timed_steps)
+        runs["PEFT + transformers"].append({"effective_tok_s": tok_s, "peak_rss_gb": peft["peak_rss_gb"]})
+        log(f"  [{rep + 1}/{reps}] torch backend {forge['effective_tok_s']:.0f} tok/s, PEFT {tok_s:.0f} tok/s")
+    return {name: {key: median([r[key] for r in rs]) for key in rs[0]} | {"runs": rs} for name, rs in runs.items()}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -571,6 +568,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="steps of each run on MLX's 4-bit CPU kernels (~1 min each here; the first is left out of the timing)",
     )
     p.add_argument("--quality-steps", type=int, default=20)
+    p.add_argument(
+        "--quality-lrs",
+        type=float,
+        nargs="+",
+        default=[2e-4, 1e-4, 2e-5],
+        help="learning rates of the PiSSA vs LoRA runs (2e-5 is the PiSSA paper's)",
+    )
     p.add_argument(
         "--backend",
         choices=["mlx", "torch"],
@@ -660,8 +664,11 @@ def main(argv: list[str] | None = None) -> dict:
             anchor = torch_results["PEFT + transformers"]["effective_tok_s"]
             tables.append(
                 table(
-                    ["run (torch, CPU, fp32)", "effective tok/s", "vs PEFT"],
-                    [[n, r["effective_tok_s"], ratio(r["effective_tok_s"], anchor)] for n, r in torch_results.items()],
+                    ["run (torch, CPU, fp32)", "effective tok/s", "peak RSS GB", "tok/s vs PEFT"],
+                    [
+                        [n, r["effective_tok_s"], r["peak_rss_gb"], ratio(r["effective_tok_s"], anchor)]
+                        for n, r in torch_results.items()
+                    ],
                 )
             )
     else:
@@ -672,7 +679,7 @@ def main(argv: list[str] | None = None) -> dict:
         if "quality" not in args.skip:
             print("PiSSA vs LoRA validation loss (forge-mlx, fp32 base)")
             q_steps = 8 if args.quick else args.quality_steps
-            results["quality"] = quality(base, [2e-4] if args.quick else [2e-4, 1e-4], q_steps)
+            results["quality"] = quality(base, args.quality_lrs[:1] if args.quick else args.quality_lrs, q_steps)
             tables.append(
                 table(
                     ["init", "lr", "steps", "val loss at 0", "halfway", "end", "last train loss"],

@@ -112,6 +112,13 @@ def export_run(
         raise ForgeError("--dry-run previews a push", where="--dry-run", hint="give --push-to-hub REPO as well")
     shard_bytes = parse_size(shard_size)
     config = run_config(run_dir)
+    if fmt != "hf" and config.adapter.import_adapter:
+        raise ForgeError(
+            f"this run merged the adapter {config.adapter.import_adapter} into its base before PiSSA init, so a "
+            f"{fmt} adapter would not reproduce it on the original base",
+            where=str(run_dir),
+            hint="export with --format hf (merged weights)",
+        )
     adapter_meta(run_dir)
     trained_adapters_file(run_dir)  # fail before loading anything
     check_out_dir(out, force, [run_dir, Path(config.model), Path.cwd(), Path.home()])

@@ -10,6 +10,7 @@ import torch
 from safetensors.numpy import load_file
 from torch import nn
 
+from forge_mlx.adapter_import import check_layers, merged_weight, read_adapter
 from forge_mlx.config import Config
 from forge_mlx.data.batching import BatchStream, eval_batches
 from forge_mlx.data.jsonl import load_split
@@ -71,6 +72,24 @@ def load_model(name: str, dtype: str = "auto", device: torch.device | None = Non
     return model.to(device), tokenizer, model_config, device
 
 
+@torch.no_grad()
+def merge_imported_adapter(model: nn.Module, path: str, log=print) -> int:
+    """Fold a PEFT or mlx-lm LoRA into every layer it touches, as forge_mlx.pipeline.merge_imported_adapter.
+
+    A head tied to the embeddings is no layer of its own (MLX has none), so an adapter on it is refused there too.
+    """
+    imported = read_adapter(path)
+    tied = model.get_input_embeddings().weight
+    linears = {p: m for p, m in model.named_modules() if isinstance(m, nn.Linear) and m.weight is not tied}
+    check_layers(imported, {p: tuple(m.weight.shape) for p, m in linears.items()})
+    for name, layer in imported.layers.items():
+        weight = linears[name].weight
+        merged = merged_weight(weight.float().cpu().numpy(), layer)  # (out, in) fp32
+        linears[name].weight = nn.Parameter(torch.from_numpy(merged).to(weight.device, weight.dtype))
+    log(f"  merged {len(imported.layers)} layers of the {imported.kind} adapter {imported.path} into the base weights")
+    return len(imported.layers)
+
+
 def adapt(model: nn.Module, config: Config, device: torch.device, log=print) -> dict:
     """PiSSA (or LoRA) adapters on the targets over a quantized residual, as forge_mlx.pipeline.adapt."""
     a = config.adapter
@@ -82,6 +101,7 @@ def adapt(model: nn.Module, config: Config, device: torch.device, log=print) -> 
             log(f"  init {done['n']} layers ({path}: {entry['seconds']:.2f} s)")
 
     quant = dict(group_size=a.group_size, bits=a.bits, blocksize=a.blocksize, double_quant=a.double_quant)
+    merged = merge_imported_adapter(model, a.import_adapter, log) if a.import_adapter else 0
     report = apply_adapters(
         model,
         targets=a.targets,
@@ -97,6 +117,7 @@ def adapt(model: nn.Module, config: Config, device: torch.device, log=print) -> 
         dropout=a.dropout,
         **quant,
     )
+    report["imported_layers_merged"] = merged
     report["frozen_linears_quantized"] = quantize_frozen_linears(model, a.residual, **quant)
     if a.cpu_dequant_cache and device.type == "cpu":
         for module in model.modules():

@@ -1,7 +1,7 @@
 """PiSSA init in torch (Meng et al. 2024, arXiv:2404.02948), the same math as forge_mlx/pissa.py.
 
 lora_a (in, r), lora_b (r, out), y = residual(x) + scale * (x @ lora_a) @ lora_b. All fp32 on the CPU (as MLX
-runs its svd and qr); the randomized SVD draws its sketch with MLX's RNG (mlx_random), so both backends sketch
+runs its svd, qr and lu); the randomized SVD draws its sketch with MLX's RNG (mlx_random), so both backends sketch
 the same subspace and the factors agree up to the signs of singular vectors (their products agree).
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from forge_mlx.torch_backend import mlx_random
@@ -22,18 +23,33 @@ def _orthonormal(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(x)[0]
 
 
+def _lu_basis(x: torch.Tensor) -> torch.Tensor:
+    """MLX's LU basis lower[rows] (x = lower[rows] @ upper); torch.linalg.lu would build an (m, m) permutation."""
+    lu, pivots, _ = torch.linalg.lu_factor_ex(x)  # getrf: row i swapped with row pivots[i] - 1, in order
+    rows = np.arange(x.shape[0])
+    for i, j in enumerate(pivots.tolist()):
+        rows[[i, j - 1]] = rows[[j - 1, i]]
+    basis = torch.empty_like(x)
+    basis[torch.from_numpy(rows)] = torch.tril(lu, -1) + torch.eye(*x.shape, dtype=x.dtype)
+    return basis
+
+
 def randomized_svd(
     w: torch.Tensor, rank: int, niter: int, seed: int = 0, oversample: int = OVERSAMPLE
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-`rank` SVD by subspace iteration (Halko et al. 2009, alg. 4.4 and 5.1), as PEFT's pissa_niter_N."""
+    """Top-`rank` SVD by subspace iteration (Halko et al. 2009, alg. 4.4 and 5.1), as PEFT's pissa_niter_N.
+
+    The power iterations renormalise with LU, as fbpca and scikit-learn do, and only the last basis with QR.
+    """
     out_dims, in_dims = w.shape
     sketch = min(rank + oversample, out_dims, in_dims)
     omega = torch.from_numpy(mlx_random.normal((in_dims, sketch), mlx_random.key(seed)))  # (in, q)
-    basis = _orthonormal(w @ omega)  # (out, q)
+    span = w @ omega  # (out, q)
     for _ in range(niter):
-        basis = _orthonormal(w @ _orthonormal(w.T @ basis))
+        span = w @ _lu_basis(w.T @ _lu_basis(span))
+    basis = _orthonormal(span)  # (out, q)
     u, s, vt = torch.linalg.svd(basis.T @ w, full_matrices=False)  # (q, q), (q,), (q, in)
-    return (basis @ u)[:, :rank], s[:rank], vt[:rank]
+    return basis @ u[:, :rank], s[:rank], vt[:rank]
 
 
 def principal_svd(
@@ -60,7 +76,7 @@ def pissa_factors(
     """lora_a (in, r), lora_b (r, out), residual (out, in); residual + scale * (lora_a @ lora_b).T = w."""
     w = w.detach().to("cpu", torch.float32)
     lora_a, lora_b = _principal_factors(w, rank, scale, niter, seed)
-    return lora_a, lora_b, w - scale * (lora_a @ lora_b).T
+    return lora_a, lora_b, torch.addmm(w, lora_b.T, lora_a.T, alpha=-scale)  # w - scale * b^T a^T
 
 
 def lora_factors(in_dims: int, out_dims: int, rank: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
