@@ -13,7 +13,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -70,6 +70,68 @@ def timed(fn: Callable[[], object], sync: Callable[[object], object] = lambda ou
     start = time.perf_counter()
     sync(fn())
     return time.perf_counter() - start
+
+
+class StepClock:
+    """Wraps a training loop's batch iterator: the time between two requests is one step (forward, backward,
+    update, bookkeeping), whichever loop asks. `shape(batch)` -> (rows, T, real tokens) describes a batch."""
+
+    def __init__(self, batches: Iterator, shape):
+        self.batches, self.shape = batches, shape
+        self.marks: list[float] = []
+        self.shapes: list[tuple[int, int, int]] = []
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        self.marks.append(time.perf_counter())
+        batch = next(self.batches)
+        self.shapes.append(self.shape(batch))
+        return batch
+
+    def finish(self) -> None:
+        """Close the last step when the loop returns (its interval also holds the loop's final save)."""
+        self.marks.append(time.perf_counter())
+
+    def steps(self) -> list[dict]:
+        """Every step; `warm` is False for the first step, the first of each (rows, T) shape and the last."""
+        seen, out = set(), []
+        for i in range(len(self.marks) - 1):
+            rows, length, real = self.shapes[i]
+            last = i == len(self.marks) - 2
+            out.append(
+                {
+                    "seconds": self.marks[i + 1] - self.marks[i],
+                    "rows": rows,
+                    "T": length,
+                    "real": real,
+                    "warm": i > 0 and (rows, length) in seen and not last,
+                }
+            )
+            seen.add((rows, length))
+        return out
+
+
+def summarize(steps: list[dict]) -> dict:
+    """Tokens/s over warm steps (all steps after the first if fewer than 3 are warm): total = rows x T of the
+    padded batch, effective = real (non-padding) tokens; positions = rows x (T - 1) feed the FLOP count."""
+    warm = [s for s in steps if s["warm"]]
+    used = warm if len(warm) >= 3 else steps[1:] or steps
+    seconds = sum(s["seconds"] for s in used)
+    total = sum(s["rows"] * s["T"] for s in used)
+    real = sum(s["real"] for s in used)
+    positions = sum(s["rows"] * (s["T"] - 1) for s in used)
+    return {
+        "steps_timed": len(used),
+        "step_s": median([s["seconds"] for s in used]),
+        "total_tok_s": total / seconds,
+        "effective_tok_s": real / seconds,
+        "positions_per_s": positions / seconds,
+        "padding": 1 - real / total,
+        "all_steps_effective_tok_s": sum(s["real"] for s in steps[1:])
+        / max(sum(s["seconds"] for s in steps[1:]), 1e-9),
+    }
 
 
 def median(values: Sequence[float]) -> float:

@@ -14,7 +14,6 @@ import resource
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import bench_common as bc
@@ -23,7 +22,19 @@ THREADS = bc.pin_threads()  # thread count and OpenBLAS preload, before mlx or t
 
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
-from bench_common import ROOT, emit, header, machine, median, ratio, run_worker, table, write_results  # noqa: E402
+from bench_common import (  # noqa: E402
+    ROOT,
+    StepClock,
+    emit,
+    header,
+    machine,
+    median,
+    ratio,
+    run_worker,
+    summarize,
+    table,
+    write_results,
+)
 
 HF_MODEL = ROOT / "models" / "SmolLM2-135M-Instruct"
 MLX_4BIT = ROOT / "bench_results" / "models" / "SmolLM2-135M-Instruct-4bit-g64"
@@ -38,68 +49,6 @@ MODULE_PATHS = {
     "up_proj": "mlp.up_proj",
     "down_proj": "mlp.down_proj",
 }
-
-
-class StepClock:
-    """Wraps a training loop's batch iterator: the time between two requests is one step (forward, backward,
-    update, bookkeeping), whichever loop asks. `shape(batch)` -> (rows, T, real tokens) describes a batch."""
-
-    def __init__(self, batches: Iterator, shape):
-        self.batches, self.shape = batches, shape
-        self.marks: list[float] = []
-        self.shapes: list[tuple[int, int, int]] = []
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        self.marks.append(time.perf_counter())
-        batch = next(self.batches)
-        self.shapes.append(self.shape(batch))
-        return batch
-
-    def finish(self) -> None:
-        """Close the last step when the loop returns (its interval also holds the loop's final save)."""
-        self.marks.append(time.perf_counter())
-
-    def steps(self) -> list[dict]:
-        """Every step; `warm` is False for the first step, the first of each (rows, T) shape and the last."""
-        seen, out = set(), []
-        for i in range(len(self.marks) - 1):
-            rows, length, real = self.shapes[i]
-            last = i == len(self.marks) - 2
-            out.append(
-                {
-                    "seconds": self.marks[i + 1] - self.marks[i],
-                    "rows": rows,
-                    "T": length,
-                    "real": real,
-                    "warm": i > 0 and (rows, length) in seen and not last,
-                }
-            )
-            seen.add((rows, length))
-        return out
-
-
-def summarize(steps: list[dict]) -> dict:
-    """Tokens/s over warm steps (all steps after the first if fewer than 3 are warm): total = rows x T of the
-    padded batch, effective = real (non-padding) tokens; positions = rows x (T - 1) feed the FLOP count."""
-    warm = [s for s in steps if s["warm"]]
-    used = warm if len(warm) >= 3 else steps[1:] or steps
-    seconds = sum(s["seconds"] for s in used)
-    total = sum(s["rows"] * s["T"] for s in used)
-    real = sum(s["real"] for s in used)
-    positions = sum(s["rows"] * (s["T"] - 1) for s in used)
-    return {
-        "steps_timed": len(used),
-        "step_s": median([s["seconds"] for s in used]),
-        "total_tok_s": total / seconds,
-        "effective_tok_s": real / seconds,
-        "positions_per_s": positions / seconds,
-        "padding": 1 - real / total,
-        "all_steps_effective_tok_s": sum(s["real"] for s in steps[1:])
-        / max(sum(s["seconds"] for s in steps[1:]), 1e-9),
-    }
 
 
 # ---------------------------------------------------------------------------------------------------- workers
@@ -463,7 +412,8 @@ def speed(base: dict, reps: int, slow_steps: int | None, log=print) -> dict:
             )
             s = runs[name][-1]
             log(
-                f"  [round {index + 1}/{len(rounds)}] {name}: {s['effective_tok_s']:.1f} effective tok/s, "
+                f"  [{'4-bit run' if index == reps else f'round {index + 1}/{reps}'}] {name}: "
+                f"{s['effective_tok_s']:.1f} effective tok/s, "
                 f"{s['total_tok_s']:.1f} total tok/s, step {s['step_s']:.2f} s, peak {s['peak_gb']:.2f} GB"
             )
     return {
@@ -604,7 +554,7 @@ def report_speed(results: dict, targets: list[str], grad_checkpoint: bool) -> st
             [
                 name,
                 len(r["runs"]),
-                r["steps_timed"],
+                int(r["steps_timed"]),
                 r["effective_tok_s"],
                 r["total_tok_s"],
                 r["padding"],
@@ -682,7 +632,7 @@ def main(argv: list[str] | None = None) -> dict:
             results["quality"] = quality(base, args.quality_lrs[:1] if args.quick else args.quality_lrs, q_steps)
             tables.append(
                 table(
-                    ["init", "lr", "steps", "val loss at 0", "halfway", "end", "last train loss"],
+                    ["init", "lr", "steps", "val loss at 0", "halfway", "end", "mean train loss"],
                     [
                         [
                             r["init"],

@@ -70,13 +70,18 @@ def _principal_factors(
     return (sqrt_s[:, None] * vt).T.contiguous(), (u * sqrt_s).T.contiguous()  # lora_a (in, r), lora_b (r, out)
 
 
+def _residual(w: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
+    """w - scale * (lora_a @ lora_b).T in one BLAS call, without an (in, out) temporary read back transposed."""
+    return torch.addmm(w, lora_b.T, lora_a.T, alpha=-scale)  # (out, in)
+
+
 def pissa_factors(
     w: torch.Tensor, rank: int, scale: float, niter: int | None = None, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """lora_a (in, r), lora_b (r, out), residual (out, in); residual + scale * (lora_a @ lora_b).T = w."""
     w = w.detach().to("cpu", torch.float32)
     lora_a, lora_b = _principal_factors(w, rank, scale, niter, seed)
-    return lora_a, lora_b, torch.addmm(w, lora_b.T, lora_a.T, alpha=-scale)  # w - scale * b^T a^T
+    return lora_a, lora_b, _residual(w, lora_a, lora_b, scale)
 
 
 def lora_factors(in_dims: int, out_dims: int, rank: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,10 +115,9 @@ def qpissa(
     errors: list[float] = []
     for _ in range(iters):
         lora_a, lora_b = _principal_factors(w - quantized, rank, scale, niter, seed)
-        delta = scale * (lora_a @ lora_b).T  # (out, in)
-        residual = w - delta
+        residual = _residual(w, lora_a, lora_b, scale)
         quantized = quantize_dequantize(residual).float()
-        errors.append((torch.linalg.norm(w - quantized - delta) / norm).item())
+        errors.append((torch.linalg.norm(residual - quantized) / norm).item())  # W - Q(W_res) - scale * a @ b
         if errors[-1] <= min(errors):
             best = (lora_a, lora_b, residual)
     return *best, errors
