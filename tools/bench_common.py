@@ -129,8 +129,6 @@ def summarize(steps: list[dict]) -> dict:
         "effective_tok_s": real / seconds,
         "positions_per_s": positions / seconds,
         "padding": 1 - real / total,
-        "all_steps_effective_tok_s": sum(s["real"] for s in steps[1:])
-        / max(sum(s["seconds"] for s in steps[1:]), 1e-9),
     }
 
 

@@ -422,7 +422,7 @@ def speed(base: dict, reps: int, slow_steps: int | None, log=print) -> dict:
     }
 
 
-def matmul_params(config: dict, targets: list[str]) -> dict:
+def matmul_params(config: dict) -> dict:
     """Weights that take part in a matmul per token: every linear of every block, plus the (tied) LM head."""
     h, i, n = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
     head_dim = config.get("head_dim") or h // config["num_attention_heads"]
@@ -439,16 +439,15 @@ def matmul_params(config: dict, targets: list[str]) -> dict:
     return {
         "blocks": n * sum(shapes.values()),
         "lm_head": config["vocab_size"] * h,
-        "adapted_blocks": n * sum(shapes[t] for t in targets),
     }
 
 
-def utilisation(result: dict, targets: list[str], grad_checkpoint: bool) -> dict:
+def utilisation(result: dict, grad_checkpoint: bool) -> dict:
     """Achieved FLOP/s over the measured fp32 matmul peak. FLOPs per position: forward 2N, backward 2N for the
     input gradients (frozen weights get no weight gradient; the adapters' own FLOPs are < 1 % at these ranks), plus
     2N to recompute the forward under gradient checkpointing; attention-score FLOPs (~2 % at T < 100) are left out."""
     config = json.loads((HF_MODEL / "config.json").read_text())
-    params = matmul_params(config, targets)
+    params = matmul_params(config)
     n = params["blocks"] + params["lm_head"]
     per_position = (6 if grad_checkpoint else 4) * n
     gflops = per_position * result["positions_per_s"] / 1e9
@@ -543,12 +542,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def report_speed(results: dict, targets: list[str], grad_checkpoint: bool) -> str:
+def report_speed(results: dict, grad_checkpoint: bool) -> str:
     """One row per run; the ratio is against mlx_lm on the same model folder."""
     rows = []
     for name, r in results.items():
         anchor = results["mlx_lm lora, HF fp32 model" if "HF fp32" in name else "mlx_lm lora, mlx_lm 4-bit model"]
-        u = utilisation(r, targets, grad_checkpoint)
+        u = utilisation(r, grad_checkpoint)
         r["utilisation"] = u
         rows.append(
             [
@@ -606,7 +605,6 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"settings: {json.dumps(base)}")
     results: dict = {"machine": info, "settings": base, "reps": reps}
     tables = []
-    targets = target_names(args.targets)
     if args.backend == "torch":
         torch_results = torch_section({**base, "steps": steps}, reps)
         results["torch"] = torch_results
@@ -625,7 +623,7 @@ def main(argv: list[str] | None = None) -> dict:
         if "speed" not in args.skip:
             print("SFT speed (same 4-bit model, data, batch, rank, layers)")
             results["speed"] = speed(base, reps, None if args.quick else args.slow_steps)
-            tables.append(report_speed(results["speed"], targets, args.grad_checkpoint))
+            tables.append(report_speed(results["speed"], args.grad_checkpoint))
         if "quality" not in args.skip:
             print("PiSSA vs LoRA validation loss (forge-mlx, fp32 base)")
             q_steps = 8 if args.quick else args.quality_steps
