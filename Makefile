@@ -28,6 +28,10 @@ $(VENV)/.dev: $(VENV)/.base
 	$(PY) -m pip install -q -e ".[dev,torch]"
 	touch $@
 
+$(VENV)/.bench: $(VENV)/.dev
+	$(PY) -m pip install -q -e ".[dev,torch,bench]"
+	touch $@
+
 fast-blas: ## Install OpenBLAS on Debian/Ubuntu when we may (MLX's CPU wheel ships a slow reference BLAS)
 	@if [ "$$(uname -s)" = Linux ] && ! ls /usr/lib/*-linux-gnu/openblas-pthread/libblas.so.3 >/dev/null 2>&1; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
@@ -59,8 +63,8 @@ eval: $(VENV)/.base $(MODEL_DIR)/forge_import.json ## Base vs tuned on held-out 
 eval-base: $(VENV)/.base $(MODEL_DIR)/forge_import.json ## The base model alone on the held-out data
 	$(BIN)/forge-mlx eval $(MODEL_DIR) --data $(DATA) --split test
 
-bench: fast-blas $(VENV)/.dev $(MODEL_DIR)/forge_import.json ## Run the benchmarks in tools/ (JSON into bench_results/)
-	@for b in tools/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+bench: fast-blas $(VENV)/.bench $(MODEL_DIR)/forge_import.json ## Run the benchmarks in tools/ (JSON into bench_results/)
+	@for b in tools/bench_*.py; do [ $$b = tools/bench_common.py ] && continue; echo "== $$b"; $(PY) $$b || exit 1; done
 
 lint: $(VENV)/.dev ## ruff check + format check
 	$(BIN)/ruff check forge_mlx tests tools

@@ -13,15 +13,16 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from forge_mlx import pissa
 from forge_mlx.errors import ForgeError
-from forge_mlx.pissa import lora_factors, pissa_factors, qpissa
 from forge_mlx.quant import dequantize_residual, make_residual, quantize_dequantize
 from forge_mlx.targets import (  # noqa: F401  (TARGET_PRESETS and ADAPTER_NAMES are part of this module's API)
     ADAPTER_NAMES,
     TARGET_PRESETS,
-    check_adapter_options,
-    init_niter,
+    adapter_factors,
+    check_adapter_weights,
     layer_ranks,
+    layer_report,
     select_targets,
 )
 
@@ -91,22 +92,11 @@ def build_adapter(
     if isinstance(linear, nn.QuantizedLinear) and not dequantize_base:
         raise ForgeError("the base layer is quantized", where=name or None, hint="load unquantized weights")
     weight = dequantize_residual(linear)  # (out, in) fp32
-    out_dims, in_dims = weight.shape
-    alpha = 2.0 * rank if alpha is None else alpha
-    check_adapter_options((out_dims, in_dims), rank, alpha, init, residual, qpissa_iters, name)
-    scale = alpha / rank
     quant = dict(group_size=group_size, bits=bits, blocksize=blocksize, double_quant=double_quant, dtype=dtype)
-    errors: list[float] = []
-    if init == "lora":
-        lora_a, lora_b = lora_factors(in_dims, out_dims, rank, seed)
-        residual_weight = weight
-    else:
-        niter = init_niter(init)
-        if residual == "none":
-            lora_a, lora_b, residual_weight = pissa_factors(weight, rank, scale, niter, seed)
-        else:
-            round_trip = lambda w: quantize_dequantize(w, residual, name=name, **quant)
-            lora_a, lora_b, residual_weight, errors = qpissa(weight, rank, scale, round_trip, qpissa_iters, niter, seed)
+    round_trip = lambda w: quantize_dequantize(w, residual, name=name, **quant)
+    lora_a, lora_b, residual_weight, scale, errors = adapter_factors(
+        pissa, weight, rank, alpha, init, residual, qpissa_iters, seed, name, round_trip
+    )
     base = make_residual(residual_weight, residual, bias=linear.get("bias"), name=name, **quant)
     return PiSSALinear(base, lora_a, lora_b, scale, dropout), errors
 
@@ -162,14 +152,7 @@ def apply_adapters(
         )
         mx.eval(adapter.parameters())
         model.update_modules(tree_unflatten([(path, adapter)]))
-        in_dims, layer_rank = adapter.lora_a.shape
-        layers[path] = {
-            "shape": [adapter.lora_b.shape[1], in_dims],
-            "rank": layer_rank,
-            "scale": adapter.scale,
-            "seconds": time.perf_counter() - start,
-            "qpissa_errors": errors,
-        }
+        layers[path] = layer_report(adapter, time.perf_counter() - start, errors)
         if on_layer is not None:
             on_layer(path, layers[path])
     trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
@@ -184,19 +167,7 @@ def adapter_weights(model: nn.Module) -> dict[str, mx.array]:
 def load_adapter_weights(model: nn.Module, weights: dict[str, mx.array]) -> None:
     """Set the adapter factors from `weights`, which must name exactly the model's adapters and shapes."""
     current = adapter_weights(model)
-    missing, unexpected = sorted(current.keys() - weights.keys()), sorted(weights.keys() - current.keys())
-    if missing or unexpected:
-        first = f"missing '{missing[0]}'" if missing else f"unexpected '{unexpected[0]}'"
-        raise ForgeError(
-            f"adapter weights do not match the model: {first} ({len(missing)} missing, {len(unexpected)} unexpected)",
-            hint="load them into a model adapted with the same targets",
-        )
-    for key, value in weights.items():
-        if value.shape != current[key].shape:
-            raise ForgeError(
-                f"adapter '{key}' has shape {tuple(value.shape)}, not {tuple(current[key].shape)}",
-                hint="use the rank and rank_pattern of the run that saved them",
-            )
+    check_adapter_weights(current, weights)
     model.load_weights([(k, v.astype(current[k].dtype)) for k, v in weights.items()], strict=False)
 
 

@@ -41,7 +41,10 @@ def train(config_file: str, overrides: tuple[str, ...], resume: bool) -> None:
         from forge_mlx.torch_backend.pipeline import run_training
     else:
         from forge_mlx.pipeline import run_training
-    run_training(config, resume=resume)
+    summary = run_training(config, resume=resume)
+    if any(summary.get(phase, {}).get("interrupted") for phase in ("sft", "dpo")):
+        click.echo(f"interrupted: the last checkpoint is kept; continue with --resume ({config.output_dir})", err=True)
+        raise click.exceptions.Exit(130)  # the shell's code for Ctrl-C, so scripts see the run did not finish
 
 
 @cli.command()
@@ -239,7 +242,7 @@ def export_command(
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; user errors print one line and exit 2, without a traceback unless --debug."""
     try:
-        cli.main(args=argv, prog_name="forge-mlx", standalone_mode=False)
+        code = cli.main(args=argv, prog_name="forge-mlx", standalone_mode=False)
     except ForgeError as exc:
         if DEBUG["on"]:
             raise
@@ -259,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except click.exceptions.Exit as exc:
         return exc.exit_code
-    return 0
+    return code if isinstance(code, int) else 0  # click returns a command's Exit code without standalone mode
 
 
 if __name__ == "__main__":

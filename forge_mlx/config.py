@@ -86,7 +86,9 @@ class TrainConfig:
     steps_per_eval: int = _opt(50, "steps between validation passes", min=1)
     val_batches: int = _opt(8, "batches per validation pass (0 disables validation)", min=0)
     save_every: int = _opt(50, "steps between checkpoints", min=1)
-    max_bad_steps: int = _opt(5, "stop after this many non-finite losses in a row", min=1)
+    max_bad_steps: int = _opt(5, "stop after this many skipped steps in a row (non-finite loss or gradients)", min=1)
+    report_to: str = _opt("none", "also send each metrics record to Weights & Biases", choices=("none", "wandb"))
+    wandb_project: str = _opt("forge-mlx", "W&B project (the run is named after output_dir)")
 
 
 @dataclass

@@ -3,9 +3,12 @@ progress line, so both backends log the same metrics.jsonl records."""
 
 from __future__ import annotations
 
+import math
 import signal
 import sys
 from dataclasses import dataclass, field
+
+from forge_mlx.errors import ForgeError
 
 
 @dataclass
@@ -21,6 +24,25 @@ class LoopSpec:
     val_batches: int
     memory_alert: float = 0.8
     memory_hint: str = "lower train.batch_size or data.max_seq_length, or set train.grad_checkpoint: true"
+    compile_step: bool = True  # MLX: off under loss chunking, whose memory saving mx.compile undoes
+
+
+def loop_spec(phase: str, steps: int, grad_accum: int, config) -> LoopSpec:
+    """The loop settings a phase takes from the config (train.* for reporting, saving and limits)."""
+    t = config.train
+    return LoopSpec(
+        phase,
+        steps,
+        grad_accum,
+        t.max_grad_norm,
+        t.steps_per_report,
+        t.steps_per_eval,
+        t.save_every,
+        t.max_bad_steps,
+        t.val_batches,
+        config.memory.alert_threshold,
+        compile_step=t.loss_chunk_size is None,
+    )
 
 
 @dataclass
@@ -49,6 +71,27 @@ class Interrupt:
     def __exit__(self, *exc) -> None:
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
+
+
+def bad_step(step_loss: float, total_weight: float, grads_finite: bool) -> str | None:
+    """Why this step's update must be skipped, or None: a non-finite loss (or nothing to weigh it by), or a
+    finite loss whose gradients overflowed (applying them would turn every adapter weight into NaN)."""
+    if not math.isfinite(step_loss) or total_weight == 0:
+        return "loss"
+    return None if grads_finite else "grad"
+
+
+def skip_step(log, spec: LoopSpec, step: int, step_loss: float, what: str, bad_in_row: int, run_dir) -> None:
+    """Record and announce a skipped update (log is None off rank 0); stop after spec.max_bad_steps in a row."""
+    if log is not None:
+        log.write({"phase": spec.phase, "step": step + 1, "event": f"skipped_nonfinite_{what}", "loss": str(step_loss)})
+        print(f"\n[{spec.phase}] step {step + 1}: non-finite {what} (loss {step_loss}); update skipped")
+    if bad_in_row >= spec.max_bad_steps:
+        raise ForgeError(
+            f"{bad_in_row} non-finite steps in a row (last: {what}); stopped with the last good checkpoint intact",
+            where=str(run_dir),
+            hint="lower the learning rate or check the data",
+        )
 
 
 def new_window() -> dict:

@@ -6,9 +6,12 @@ import json
 import os
 from pathlib import Path
 
+from forge_mlx import reporting
+
 
 class MetricsLog:
-    """Append-only JSON lines; each write is flushed and fsynced so a crash loses no reported record."""
+    """Append-only JSON lines; each write is flushed and fsynced so a crash loses no reported record, then
+    mirrored to any open reporting session (W&B)."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -18,6 +21,7 @@ class MetricsLog:
             handle.write(json.dumps(record) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
+        reporting.publish(record)
 
 
 def read_metrics(path: Path) -> list[dict]:

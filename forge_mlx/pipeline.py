@@ -14,13 +14,13 @@ from mlx.utils import tree_unflatten
 
 from forge_mlx import checkpoint as ckpt
 from forge_mlx import distributed as dist
+from forge_mlx import phases, reporting
 from forge_mlx.adapter_import import check_layers, merged_weight, read_adapter
 from forge_mlx.adapters import adapter_weights, apply_adapters, load_adapter_weights
 from forge_mlx.config import Config
-from forge_mlx.data.batching import BatchStream, eval_batches, shard
-from forge_mlx.data.jsonl import load_split
-from forge_mlx.data.sft import encode_sft_split
+from forge_mlx.data.batching import shard
 from forge_mlx.errors import ForgeError
+from forge_mlx.loop_common import loop_spec
 from forge_mlx.losses import sft_loss
 from forge_mlx.metrics_log import drop_metrics_after, plot_losses
 from forge_mlx.models import compute_dtype, load_model, on_gpu
@@ -31,12 +31,11 @@ from forge_mlx.run_files import (
     INIT_ADAPTERS,
     adapter_metadata,
     phase_done,
-    phase_steps,
     prepare_run_dir,
     real_rows,
 )
 from forge_mlx.schedule import mlx_schedule
-from forge_mlx.train import LoopSpec, checkpoint_blocks, train_loop
+from forge_mlx.train import checkpoint_blocks, train_loop
 
 
 def quantize_frozen_linears(model: nn.Module, config: Config) -> int:
@@ -52,12 +51,9 @@ def quantize_frozen_linears(model: nn.Module, config: Config) -> int:
                 module.weight,
                 a.residual,
                 bias=module.get("bias"),
-                group_size=a.group_size,
-                bits=a.bits,
-                blocksize=a.blocksize,
-                double_quant=a.double_quant,
                 dtype=module.weight.dtype,
                 name=path,
+                **phases.quant_options(a),
             ),
         )
         for path, module in model.named_modules()
@@ -97,33 +93,9 @@ def merge_imported_adapter(model: nn.Module, path: str, dtype: mx.Dtype, log=pri
 def adapt(model: nn.Module, config: Config, log=print) -> dict:
     """PiSSA (or LoRA) adapters on the targets over a quantized residual; only the adapters train."""
     a = config.adapter
-    done = {"n": 0}
-
-    def progress(path: str, entry: dict) -> None:
-        done["n"] += 1
-        if done["n"] == 1 or done["n"] % 10 == 0:
-            log(f"  init {done['n']} layers ({path}: {entry['seconds']:.2f} s)")
-
     dtype = compute_dtype(config.dtype)
     merged = merge_imported_adapter(model, a.import_adapter, dtype, log) if a.import_adapter else 0
-    report = apply_adapters(
-        model,
-        targets=a.targets,
-        rank=a.rank,
-        alpha=a.alpha,
-        init=a.init,
-        residual=a.residual,
-        rank_pattern=a.rank_pattern,
-        seed=config.seed,
-        on_layer=progress,
-        qpissa_iters=a.qpissa_iters,
-        group_size=a.group_size,
-        bits=a.bits,
-        blocksize=a.blocksize,
-        double_quant=a.double_quant,
-        dtype=dtype,
-        dropout=a.dropout,
-    )
+    report = apply_adapters(model, dtype=dtype, **phases.adapter_options(config, log))
     report["imported_layers_merged"] = merged
     report["frozen_linears_quantized"] = quantize_frozen_linears(model, config)
     if a.cpu_dequant_cache and not on_gpu():
@@ -150,16 +122,12 @@ def local_rows(batch):
 
 
 def sft_arrays(batch) -> tuple[tuple[mx.array, mx.array], int]:
-    batch, rows = local_rows(batch)
-    return (mx.array(batch.tokens[rows]), mx.array(batch.loss_mask[rows])), int(batch.lengths[rows].sum())
+    (tokens, mask), n_tokens = phases.sft_rows(*local_rows(batch))
+    return (mx.array(tokens), mx.array(mask)), n_tokens
 
 
 def sft_loss_fn(chunk_size: int | None):
-    def loss_fn(model, tokens, mask):
-        loss, n_tokens = sft_loss(model, tokens, mask, chunk_size=chunk_size)
-        return loss, n_tokens, {}
-
-    return loss_fn
+    return phases.sft_loss_fn(sft_loss, chunk_size)
 
 
 def resume_point(run_dir: Path, phase: str, model, optimizer, log=print) -> tuple[int, dict | None]:
@@ -177,85 +145,34 @@ def resume_point(run_dir: Path, phase: str, model, optimizer, log=print) -> tupl
     return record["step"], record["data"]
 
 
-def run_sft(model, tokenizer, config: Config, run_dir: Path, resume: bool, log=print) -> dict:
-    d, t = config.data, config.train
-    train_set = encode_sft_split(
-        load_split(d.train, "train", kind="sft"),
-        tokenizer,
-        max_seq_length=d.max_seq_length,
-        overlong=d.overlong,
-        mask_prompt=d.mask_prompt,
-        supervise=d.supervise,
-    )
-    valid_source = d.valid or (d.train if Path(d.train).is_dir() else None)
-    valid_data = load_split(valid_source, "valid", kind="sft", required=d.valid is not None) if valid_source else None
-    valid_set = (
-        encode_sft_split(
-            valid_data,
-            tokenizer,
-            max_seq_length=d.max_seq_length,
-            overlong=d.overlong,
-            mask_prompt=d.mask_prompt,
-            supervise=d.supervise,
-        )
-        if valid_data
-        else None
-    )
-    log(
-        f"SFT data: {len(train_set.examples)} examples (truncated {train_set.truncated}, dropped "
-        f"{train_set.dropped_overlong} over max_seq_length, {train_set.dropped_no_target} with no target)"
-        + (f", valid {len(valid_set.examples)}" if valid_set else "")
-    )
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    stream = BatchStream(
-        train_set.examples, t.batch_size, seed=config.seed, max_seq_length=d.max_seq_length, pad_id=pad
-    )
-    steps = phase_steps(stream.batches_per_epoch, t.grad_accum, t.steps, t.epochs)
-    optimizer = make_optimizer(t.lr, steps, t.warmup_steps, t.min_lr_ratio, t.weight_decay)
-    start, data_state = resume_point(run_dir, "sft", model, optimizer, log) if resume else (0, None)
-    if data_state:
-        stream = BatchStream.from_state(train_set.examples, data_state, pad_id=pad)
-    val = None
-    if valid_set and valid_set.examples and t.val_batches:
-        val_list = [sft_arrays(b)[0] for b in eval_batches(valid_set.examples, t.batch_size, pad_id=pad)]
-        val = lambda: val_list[: t.val_batches]  # noqa: E731
-    spec = LoopSpec(
-        "sft",
-        steps,
-        t.grad_accum,
-        t.max_grad_norm,
-        t.steps_per_report,
-        t.steps_per_eval,
-        t.save_every,
-        t.max_bad_steps,
-        t.val_batches,
-        config.memory.alert_threshold,
-    )
+def train_phase(model, phase: phases.Phase, loss_fn, arrays, val_arrays, config: Config, run_dir, resume, log) -> dict:
+    """Train the adapters on a phase's batches (arrays(batch) -> (loss_fn's arrays, real tokens); val_arrays the
+    same for validation), from its newest checkpoint when resuming; returns the phase summary."""
+    t = config.train
+    val = phase.val_batches(t.val_batches, lambda b: val_arrays(b)[0])
+    optimizer = make_optimizer(phase.lr, phase.steps, phase.warmup_steps, t.min_lr_ratio, t.weight_decay)
+    start, data_state = resume_point(run_dir, phase.name, model, optimizer, log) if resume else (0, None)
+    stream = phase.resume(data_state)
     result = train_loop(
         model,
         optimizer,
-        sft_loss_fn(t.loss_chunk_size),
-        (sft_arrays(b) for b in stream),
-        spec,
+        loss_fn,
+        (arrays(b) for b in stream),
+        loop_spec(phase.name, phase.steps, phase.grad_accum, config),
         run_dir,
         adapter_weights=lambda: adapter_weights(model),
         data_state=stream.state,
         val_batches=val,
         start_step=start,
-        extra_report=lambda: {"padding_fraction": stream.padding_fraction},
+        extra_report=phase.extra_report,
     )
-    summary = {
-        "steps": result.steps_done,
-        "final_loss": result.last_loss,
-        "interrupted": result.interrupted,
-        "padding_fraction": stream.padding_fraction,
-        "examples": len(train_set.examples),
-        "truncated": train_set.truncated,
-        "dropped": train_set.dropped_overlong,
-    }
-    if not result.interrupted and dist.is_main():
-        ckpt.atomic_write_text(run_dir / "sft_done.json", json.dumps(summary, indent=1))
-    return summary
+    return phase.finish(run_dir, result, write=dist.is_main())
+
+
+def run_sft(model, tokenizer, config: Config, run_dir: Path, resume: bool, log=print) -> dict:
+    sft = phases.sft_phase(config, tokenizer, log)
+    loss_fn = sft_loss_fn(config.train.loss_chunk_size)
+    return train_phase(model, sft, loss_fn, sft_arrays, sft_arrays, config, run_dir, resume, log)
 
 
 def configure_memory(config: Config) -> None:
@@ -286,6 +203,12 @@ def run_training(config: Config, resume: bool = False, log=print) -> dict:
     run_dir = Path(config.output_dir)
     if not dist.is_main():
         log = lambda *args: None  # noqa: E731  (rank 0 speaks for the group)
+    with reporting.session(config, run_dir, main=dist.is_main()):
+        return train_run(config, run_dir, resume, log)
+
+
+def train_run(config: Config, run_dir: Path, resume: bool, log=print) -> dict:
+    """Load, adapt, SFT, DPO and the final files, into a prepared run directory."""
     configure_memory(config)
     mx.random.seed(config.seed)
     log(f"loading {config.model}")

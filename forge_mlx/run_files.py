@@ -41,6 +41,7 @@ STALE_ON_FRESH_START = (
     INIT_ADAPTERS,
     FINAL_ADAPTERS,
     ADAPTER_CONFIG,
+    "wandb_run_id",  # a fresh run is a new W&B run; --resume continues the old one
 )
 
 

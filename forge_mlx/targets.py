@@ -1,4 +1,5 @@
-"""Which layers get adapters, at which rank, with which init: config semantics both backends share.
+"""Which layers get adapters, at which rank, with which init and residual storage: config semantics both backends
+share.
 
 Paths are from the model root (model.layers.0.self_attn.q_proj), the same in mlx-lm and transformers, so a
 run's adapter names and per-layer seeds do not depend on the backend that trained it.
@@ -7,7 +8,9 @@ run's adapter names and per-layer seeds do not depend on the backend that traine
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from types import ModuleType
+from typing import Any
 
 from forge_mlx.errors import ForgeError
 
@@ -18,6 +21,8 @@ TARGET_PRESETS = {
 ADAPTER_NAMES = ("lora_a", "lora_b")
 INIT_PATTERN = re.compile(r"pissa(?:_niter_(\d+))?|lora")
 RESIDUAL_KINDS = ("none", "affine", "nf4")
+AFFINE_BITS = (4, 8)
+AFFINE_GROUP_SIZES = (32, 64, 128)  # the group sizes mx.quantize accepts in affine mode
 
 
 def init_niter(init: str) -> int | None:
@@ -45,6 +50,77 @@ def check_adapter_options(
         raise ForgeError(f"alpha must be positive, got {alpha}", where=where)
     if iters < 1:
         raise ForgeError(f"qpissa_iters must be at least 1, got {iters}", where=where)
+
+
+def adapter_factors(
+    factors: ModuleType,
+    weight: Any,
+    rank: int,
+    alpha: float | None,
+    init: str,
+    residual: str,
+    qpissa_iters: int,
+    seed: int,
+    name: str,
+    round_trip: Callable[[Any], Any],
+) -> tuple[Any, Any, Any, float, list[float]]:
+    """(lora_a, lora_b, residual weight, scale, QPiSSA errors) for weight (out, in) fp32: LoRA, PiSSA, or QPiSSA
+    fitted to round_trip's quantization error. `factors` is a backend's pissa module; alpha defaults to 2 * rank."""
+    out_dims, in_dims = weight.shape
+    alpha = 2.0 * rank if alpha is None else alpha
+    check_adapter_options((out_dims, in_dims), rank, alpha, init, residual, qpissa_iters, name)
+    scale = alpha / rank
+    if init == "lora":
+        return (*factors.lora_factors(in_dims, out_dims, rank, seed), weight, scale, [])
+    niter = init_niter(init)
+    if residual == "none":
+        return (*factors.pissa_factors(weight, rank, scale, niter, seed), scale, [])
+    lora_a, lora_b, residual_weight, errors = factors.qpissa(weight, rank, scale, round_trip, qpissa_iters, niter, seed)
+    return lora_a, lora_b, residual_weight, scale, errors
+
+
+def layer_report(adapter: Any, seconds: float, errors: list[float]) -> dict:
+    """apply_adapters' entry for one adapted layer (adapter_config.json's shapes and ranks come from it)."""
+    in_dims, rank = adapter.lora_a.shape
+    return {
+        "shape": [adapter.lora_b.shape[1], in_dims],
+        "rank": rank,
+        "scale": adapter.scale,
+        "seconds": seconds,
+        "qpissa_errors": errors,
+    }
+
+
+def check_adapter_weights(current: Mapping[str, Any], given: Mapping[str, Any]) -> None:
+    """Reject adapter weights that do not name exactly the model's adapters (arrays of any backend), or whose
+    shapes differ."""
+    missing, unexpected = sorted(current.keys() - given.keys()), sorted(given.keys() - current.keys())
+    if missing or unexpected:
+        first = f"missing '{missing[0]}'" if missing else f"unexpected '{unexpected[0]}'"
+        raise ForgeError(
+            f"adapter weights do not match the model: {first} ({len(missing)} missing, {len(unexpected)} unexpected)",
+            hint="load them into a model adapted with the same targets",
+        )
+    for key, value in given.items():
+        if tuple(value.shape) != tuple(current[key].shape):
+            raise ForgeError(
+                f"adapter '{key}' has shape {tuple(value.shape)}, not {tuple(current[key].shape)}",
+                hint="use the rank and rank_pattern of the run that saved them",
+            )
+
+
+def check_affine(in_dims: int, group_size: int, bits: int, name: str = "") -> None:
+    """Reject an affine residual mx.quantize cannot store, naming the layer and the group sizes that fit."""
+    where = name or None
+    if bits not in AFFINE_BITS:
+        raise ForgeError(f"affine residual bits must be one of {AFFINE_BITS}, got {bits}", where=where)
+    if group_size not in AFFINE_GROUP_SIZES or in_dims % group_size:
+        valid = ", ".join(str(g) for g in AFFINE_GROUP_SIZES if in_dims % g == 0)
+        raise ForgeError(
+            f"group size {group_size} does not fit a layer with {in_dims} input features",
+            where=where,
+            hint=f"valid group sizes here: {valid or 'none, keep this layer unquantized'}",
+        )
 
 
 def select_targets(blocks: Sequence[tuple[str, Sequence[str]]], targets: str | Sequence[str]) -> list[str]:

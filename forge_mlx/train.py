@@ -3,7 +3,6 @@ gradient checkpointing, clipping, NaN skipping, validation, atomic checkpoints a
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -12,19 +11,20 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from mlx.utils import tree_map
+from mlx.utils import tree_flatten, tree_map
 
 from forge_mlx import checkpoint as ckpt
 from forge_mlx import distributed as dist
-from forge_mlx.errors import ForgeError
 from forge_mlx.loop_common import (
     Interrupt,
     LoopResult,
     LoopSpec,
     add_to_window,
+    bad_step,
     new_window,
     progress,
     report_record,
+    skip_step,
 )
 from forge_mlx.metrics_log import MetricsLog
 from forge_mlx.models import device_memory_bytes
@@ -53,18 +53,27 @@ def checkpoint_blocks(model: nn.Module) -> None:
         block.__class__ = type(cls.__name__, (cls,), {"__call__": checkpointed, "_forge_checkpointed": True})
 
 
-def make_step(model: nn.Module, optimizer: optim.Optimizer, loss_fn: LossFn, max_grad_norm: float):
-    """Compiled micro-step (adds weight * grad to the running sum) and compiled update (mean, clip, AdamW)."""
+def make_step(
+    model: nn.Module, optimizer: optim.Optimizer, loss_fn: LossFn, max_grad_norm: float, compile_micro: bool = True
+):
+    """Micro-step (adds weight * grad to the running sum) and compiled update (mean, clip, AdamW).
+
+    The micro-step is compiled unless `compile_micro` is False: under a chunked loss, mx.compile's graph
+    simplification keeps every chunk's logits alive until the backward (peak at seq 1024: 505 MB compiled vs
+    248 MB eager, docs/BENCHMARKS.md section 9), which is the memory chunking exists to save.
+    """
     loss_and_grad = nn.value_and_grad(model, loss_fn)
     state = [model.state, optimizer.state, mx.random.state]
 
-    @partial(mx.compile, inputs=state, outputs=state)
     def micro(grad_sum, *batch):
         (loss, weight, aux), grad = loss_and_grad(model, *batch)
         grad = tree_map(lambda g: g * weight, grad)
         if grad_sum is not None:
             grad = tree_map(mx.add, grad, grad_sum)
         return loss, weight, aux, grad
+
+    if compile_micro:
+        micro = mx.compile(micro, inputs=state, outputs=state)
 
     @partial(mx.compile, inputs=state, outputs=state)
     def update(grad_sum, total_weight):
@@ -75,6 +84,12 @@ def make_step(model: nn.Module, optimizer: optim.Optimizer, loss_fn: LossFn, max
         return norm
 
     return micro, update, state
+
+
+@mx.compile
+def all_finite(tree) -> mx.array:
+    """True when every gradient entry is finite (a scalar bool; cheap: adapters only)."""
+    return mx.array([mx.isfinite(g).all() for _, g in tree_flatten(tree)]).all()
 
 
 def evaluate_loss(model: nn.Module, loss_fn: LossFn, batches: list[tuple]) -> tuple[float, dict[str, float]]:
@@ -115,7 +130,7 @@ def train_loop(
     """
     main = dist.is_main()  # data parallel: rank 0 alone writes metrics, checkpoints and progress
     log = MetricsLog(Path(run_dir) / "metrics.jsonl") if main else None
-    micro, update, state = make_step(model, optimizer, loss_fn, spec.max_grad_norm)
+    micro, update, state = make_step(model, optimizer, loss_fn, spec.max_grad_norm, spec.compile_step)
     memory_limit = device_memory_bytes() * spec.memory_alert
     warned = False
     result = LoopResult(start_step, float("nan"))
@@ -136,29 +151,16 @@ def train_loop(
                 tokens += real_tokens
                 for key, value in aux.items():
                     aux_sum[key] = aux_sum.get(key, 0.0) + value.item()
-            loss_sum, total_weight, tokens, stop, *aux_values = dist.sum_floats(
-                loss_sum, total_weight, tokens, float(interrupt.hit), *aux_sum.values()
+            grads_ok = float(all_finite(grad_sum).item())
+            loss_sum, total_weight, tokens, stop, ranks_grads_ok, *aux_values = dist.sum_floats(
+                loss_sum, total_weight, tokens, float(interrupt.hit), grads_ok, *aux_sum.values()
             )
             aux_sum = dict(zip(aux_sum, aux_values))
             step_loss = loss_sum / max(total_weight, 1e-9)
-            if not math.isfinite(step_loss) or total_weight == 0:
+            what = bad_step(step_loss, total_weight, ranks_grads_ok >= dist.size())
+            if what:
                 bad_in_row += 1
-                if main:
-                    log.write(
-                        {
-                            "phase": spec.phase,
-                            "step": step + 1,
-                            "event": "skipped_nonfinite_loss",
-                            "loss": str(step_loss),
-                        }
-                    )
-                    print(f"\n[{spec.phase}] step {step + 1}: non-finite loss ({step_loss}); update skipped")
-                if bad_in_row >= spec.max_bad_steps:
-                    raise ForgeError(
-                        f"{bad_in_row} non-finite losses in a row; stopped with the last good checkpoint intact",
-                        where=str(run_dir),
-                        hint="lower the learning rate or check the data",
-                    )
+                skip_step(log, spec, step, step_loss, what, bad_in_row, run_dir)
                 continue
             bad_in_row = 0
             grad_norm = update(grad_sum, mx.array(total_weight, mx.float32))

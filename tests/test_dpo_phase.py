@@ -160,3 +160,35 @@ def test_a_dpo_step_runs_the_policy_on_chosen_and_rejected_only(root, monkeypatc
     assert calls[: len(reference)] == [("LlamaModel", False, s) for s in reference]  # the reference comes first
     assert len(reference) == len(helpers.PROMPTS) // b and all(s[0] == 2 * b for s in reference)
     assert len(training) == steps * grad_accum and all(s[0] == 2 * b for s in training)
+
+
+def test_a_rank_whose_share_is_only_filler_pairs_adds_nothing(root):
+    """Data parallel over 2 ranks when the epoch's last batch holds one pair: rank 1 gets only the filler pair.
+    Its loss must be finite with weight 0 and zero gradients, so the ranks' weighted sums are the one-process
+    batch's (before, its empty reference made the loss NaN and the whole step was skipped on every rank)."""
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    from forge_mlx import phases
+    from forge_mlx.data.batching import BatchStream, shard
+
+    config = helpers.tiny_config(root, "filler", *DPO_ONLY)
+    model, tokenizer = helpers.adapted_model(config)
+    data = load_split(config.dpo.data, "train", kind="preference")
+    pair = encode_preference_split(data, tokenizer, max_seq_length=config.data.max_seq_length).examples[:1]
+    batch = next(BatchStream(pair, 2, shuffle=False))  # one real pair and one filler pair
+    reference = {"chosen": np.array([-3.0], np.float32), "rejected": np.array([-5.0], np.float32)}
+    loss_and_grad = nn.value_and_grad(model, dpo.dpo_loss_fn(config))
+
+    def weighted(share):
+        arrays, _ = phases.preference_rows(*pipeline.local_rows(share), reference)
+        (loss, weight, _), grad = loss_and_grad(model, *(mx.array(a) for a in arrays))
+        return loss.item(), weight.item(), {k: np.array(g) for k, g in tree_flatten(grad)}
+
+    full, rank0, rank1 = weighted(batch), weighted(shard(batch, 0, 2)), weighted(shard(batch, 1, 2))
+    assert rank1[1] == 0.0 and math.isfinite(rank1[0])
+    assert all(not g.any() for g in rank1[2].values())  # a filler pair has no target token: exactly zero
+    assert rank0[1] == full[1] == 1.0
+    # the same pair through the same ops, only in a 2-row instead of a 4-row batch: fp32 round-off
+    assert rank0[0] == pytest.approx(full[0], abs=1e-6)
+    assert max(np.abs(rank0[2][k] - full[2][k]).max() for k in full[2]) < 1e-5

@@ -7,7 +7,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from forge_mlx.errors import ForgeError
-from forge_mlx.quant import RESIDUAL_KINDS, dequantize_residual, make_residual, quantize_dequantize
+from forge_mlx.quant import RESIDUAL_KINDS, cache_dequantized, dequantize_residual, make_residual, quantize_dequantize
 from forge_mlx.quant.affine import affine_linear
 
 
@@ -85,3 +85,20 @@ def test_none_kind_is_the_weight_in_dtype():
 def test_unknown_kind_is_a_user_error():
     with pytest.raises(ForgeError, match="unknown residual kind 'int4'.*none, affine, nf4"):
         make_residual(mx.zeros((4, 64)), "int4")
+
+
+def test_a_quantized_tied_embedding_reads_and_projects_through_its_dequantized_copy():
+    """mlx_lm's 4-bit models quantize the embedding, which small models tie as the LM head."""
+    rng = np.random.default_rng(4)
+    embedding = nn.Embedding(96, 64)
+    embedding.weight = mx.array(rng.standard_normal((96, 64)).astype(np.float32))
+    quantized = nn.QuantizedEmbedding.from_embedding(embedding, group_size=64, bits=4)
+    ids, h = mx.array([[3, 95, 0]]), mx.array(rng.standard_normal((1, 3, 64)).astype(np.float32))
+    want_rows, want_logits = quantized(ids), quantized.as_linear(h)  # MLX's own 4-bit kernels
+    cached = cache_dequantized(quantized)
+    assert "_dequantized" in cached and isinstance(cached, nn.QuantizedEmbedding)
+    # MLX's fp32 scale * q + bias vs numpy's float64: one rounding apart, under 1e-6 for |w| < 4
+    assert np.abs(np.array(cached._dequantized) - numpy_dequantize(quantized)).max() < 1e-6
+    assert mx.array_equal(cached(ids), want_rows).item()  # a gather of the same values
+    # the 4-bit matmul kernel and BLAS sum 64 products in another order: fp32 round-off, ~1e-5 on values ~8
+    assert mx.allclose(cached.as_linear(h), want_logits, rtol=1e-5, atol=1e-4).item()

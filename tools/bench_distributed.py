@@ -94,9 +94,8 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(f"{'processes':>10} {'tokens/s':>10} {'all_sum MB/step':>16}")
     for processes, r in results.items():
-        print(
-            f"{processes:>10} {r['tokens_per_s']:>10.1f} {r['bytes_per_step_per_rank'] / 1e6 if processes > 1 else 0:>16.1f}"
-        )
+        mb = r["bytes_per_step_per_rank"] / 1e6 if processes > 1 else 0
+        print(f"{processes:>10} {r['tokens_per_s']:>10.1f} {mb:>16.1f}")
     print(f"2-process / 1-process tokens/s: {report['speedup_2_over_1']:.2f}x")
     shutil.rmtree(work, ignore_errors=True)
 

@@ -13,33 +13,143 @@ import random
 from pathlib import Path
 
 CAPITALS = {
-    "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Portugal": "Lisbon",
-    "Japan": "Tokyo", "China": "Beijing", "Russia": "Moscow", "Egypt": "Cairo", "Greece": "Athens",
-    "Austria": "Vienna", "Poland": "Warsaw", "Norway": "Oslo", "Sweden": "Stockholm", "Finland": "Helsinki",
-    "Denmark": "Copenhagen", "Ireland": "Dublin", "Belgium": "Brussels", "Netherlands": "Amsterdam",
-    "Hungary": "Budapest", "Czechia": "Prague", "Romania": "Bucharest", "Bulgaria": "Sofia", "Serbia": "Belgrade",
-    "Croatia": "Zagreb", "Ukraine": "Kyiv", "Turkey": "Ankara", "Iran": "Tehran", "Iraq": "Baghdad",
-    "Syria": "Damascus", "Lebanon": "Beirut", "Jordan": "Amman", "Israel": "Jerusalem", "India": "Delhi",
-    "Pakistan": "Islamabad", "Bangladesh": "Dhaka", "Nepal": "Kathmandu", "Thailand": "Bangkok",
-    "Vietnam": "Hanoi", "Indonesia": "Jakarta", "Philippines": "Manila", "Malaysia": "Kuala Lumpur",
-    "Singapore": "Singapore", "Mongolia": "Ulaanbaatar", "Kenya": "Nairobi", "Ethiopia": "Addis Ababa",
-    "Nigeria": "Abuja", "Ghana": "Accra", "Morocco": "Rabat", "Algeria": "Algiers", "Tunisia": "Tunis",
-    "Senegal": "Dakar", "Uganda": "Kampala", "Zimbabwe": "Harare", "Canada": "Ottawa", "Mexico": "Mexico City",
-    "Cuba": "Havana", "Peru": "Lima", "Chile": "Santiago", "Argentina": "Buenos Aires", "Colombia": "Bogota",
-    "Venezuela": "Caracas", "Ecuador": "Quito", "Uruguay": "Montevideo", "Paraguay": "Asuncion",
-    "Bolivia": "Sucre", "Australia": "Canberra", "New Zealand": "Wellington", "Iceland": "Reykjavik",
-    "Estonia": "Tallinn", "Latvia": "Riga", "Lithuania": "Vilnius", "Slovakia": "Bratislava",
-    "Slovenia": "Ljubljana", "Albania": "Tirana", "Cyprus": "Nicosia", "Qatar": "Doha", "Oman": "Muscat",
-    "Yemen": "Sanaa", "Afghanistan": "Kabul", "Cambodia": "Phnom Penh", "Laos": "Vientiane", "Sudan": "Khartoum",
-    "Libya": "Tripoli", "Somalia": "Mogadishu", "Rwanda": "Kigali", "Tanzania": "Dodoma", "Zambia": "Lusaka",
-    "Angola": "Luanda", "Namibia": "Windhoek", "Jamaica": "Kingston", "Panama": "Panama City",
-    "Honduras": "Tegucigalpa", "Nicaragua": "Managua", "Guatemala": "Guatemala City",
+    "France": "Paris",
+    "Germany": "Berlin",
+    "Italy": "Rome",
+    "Spain": "Madrid",
+    "Portugal": "Lisbon",
+    "Japan": "Tokyo",
+    "China": "Beijing",
+    "Russia": "Moscow",
+    "Egypt": "Cairo",
+    "Greece": "Athens",
+    "Austria": "Vienna",
+    "Poland": "Warsaw",
+    "Norway": "Oslo",
+    "Sweden": "Stockholm",
+    "Finland": "Helsinki",
+    "Denmark": "Copenhagen",
+    "Ireland": "Dublin",
+    "Belgium": "Brussels",
+    "Netherlands": "Amsterdam",
+    "Hungary": "Budapest",
+    "Czechia": "Prague",
+    "Romania": "Bucharest",
+    "Bulgaria": "Sofia",
+    "Serbia": "Belgrade",
+    "Croatia": "Zagreb",
+    "Ukraine": "Kyiv",
+    "Turkey": "Ankara",
+    "Iran": "Tehran",
+    "Iraq": "Baghdad",
+    "Syria": "Damascus",
+    "Lebanon": "Beirut",
+    "Jordan": "Amman",
+    "Israel": "Jerusalem",
+    "India": "Delhi",
+    "Pakistan": "Islamabad",
+    "Bangladesh": "Dhaka",
+    "Nepal": "Kathmandu",
+    "Thailand": "Bangkok",
+    "Vietnam": "Hanoi",
+    "Indonesia": "Jakarta",
+    "Philippines": "Manila",
+    "Malaysia": "Kuala Lumpur",
+    "Singapore": "Singapore",
+    "Mongolia": "Ulaanbaatar",
+    "Kenya": "Nairobi",
+    "Ethiopia": "Addis Ababa",
+    "Nigeria": "Abuja",
+    "Ghana": "Accra",
+    "Morocco": "Rabat",
+    "Algeria": "Algiers",
+    "Tunisia": "Tunis",
+    "Senegal": "Dakar",
+    "Uganda": "Kampala",
+    "Zimbabwe": "Harare",
+    "Canada": "Ottawa",
+    "Mexico": "Mexico City",
+    "Cuba": "Havana",
+    "Peru": "Lima",
+    "Chile": "Santiago",
+    "Argentina": "Buenos Aires",
+    "Colombia": "Bogota",
+    "Venezuela": "Caracas",
+    "Ecuador": "Quito",
+    "Uruguay": "Montevideo",
+    "Paraguay": "Asuncion",
+    "Bolivia": "Sucre",
+    "Australia": "Canberra",
+    "New Zealand": "Wellington",
+    "Iceland": "Reykjavik",
+    "Estonia": "Tallinn",
+    "Latvia": "Riga",
+    "Lithuania": "Vilnius",
+    "Slovakia": "Bratislava",
+    "Slovenia": "Ljubljana",
+    "Albania": "Tirana",
+    "Cyprus": "Nicosia",
+    "Qatar": "Doha",
+    "Oman": "Muscat",
+    "Yemen": "Sanaa",
+    "Afghanistan": "Kabul",
+    "Cambodia": "Phnom Penh",
+    "Laos": "Vientiane",
+    "Sudan": "Khartoum",
+    "Libya": "Tripoli",
+    "Somalia": "Mogadishu",
+    "Rwanda": "Kigali",
+    "Tanzania": "Dodoma",
+    "Zambia": "Lusaka",
+    "Angola": "Luanda",
+    "Namibia": "Windhoek",
+    "Jamaica": "Kingston",
+    "Panama": "Panama City",
+    "Honduras": "Tegucigalpa",
+    "Nicaragua": "Managua",
+    "Guatemala": "Guatemala City",
 }
 WORDS = [
-    "apple", "river", "garden", "silver", "window", "purple", "castle", "forest", "rocket", "pencil", "bridge",
-    "candle", "dragon", "winter", "summer", "planet", "yellow", "orange", "guitar", "market", "island", "tiger",
-    "cloud", "stone", "music", "bread", "chair", "light", "ocean", "paper", "sugar", "water", "horse", "money",
-    "table", "green", "night", "smile", "heart", "train",
+    "apple",
+    "river",
+    "garden",
+    "silver",
+    "window",
+    "purple",
+    "castle",
+    "forest",
+    "rocket",
+    "pencil",
+    "bridge",
+    "candle",
+    "dragon",
+    "winter",
+    "summer",
+    "planet",
+    "yellow",
+    "orange",
+    "guitar",
+    "market",
+    "island",
+    "tiger",
+    "cloud",
+    "stone",
+    "music",
+    "bread",
+    "chair",
+    "light",
+    "ocean",
+    "paper",
+    "sugar",
+    "water",
+    "horse",
+    "money",
+    "table",
+    "green",
+    "night",
+    "smile",
+    "heart",
+    "train",
 ]
 SYSTEM = "Answer with the answer only."
 
@@ -59,8 +169,13 @@ def upper_item(word: str) -> tuple[str, str, str]:
 
 
 def chat(question: str, answer: str) -> dict:
-    return {"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question},
-                         {"role": "assistant", "content": answer}]}
+    return {
+        "messages": [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": answer},
+        ]
+    }
 
 
 def multi_turn(items: list[tuple[str, str, str]]) -> dict:
@@ -76,8 +191,11 @@ def split_items(rng: random.Random) -> dict[str, list[tuple[str, str, str]]]:
     words = list(WORDS)
     rng.shuffle(countries)
     rng.shuffle(words)
-    parts = {"train": (countries[:60], words[:26]), "valid": (countries[60:72], words[26:32]),
-             "test": (countries[72:], words[32:])}
+    parts = {
+        "train": (countries[:60], words[:26]),
+        "valid": (countries[60:72], words[26:32]),
+        "test": (countries[72:], words[32:]),
+    }
     out = {}
     for split, (split_countries, split_words) in parts.items():
         n_sums = {"train": 60, "valid": 12, "test": 16}[split]
@@ -110,13 +228,18 @@ def main() -> None:
 
     def pair(question: str, good: str, bad: str) -> dict:
         prompt = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
-        return {"prompt": prompt, "chosen": [{"role": "assistant", "content": good}],
-                "rejected": [{"role": "assistant", "content": bad}]}
+        return {
+            "prompt": prompt,
+            "chosen": [{"role": "assistant", "content": good}],
+            "rejected": [{"role": "assistant", "content": bad}],
+        }
 
     write_jsonl(out / "dpo" / "train.jsonl", [pair(*item) for item in train])
     write_jsonl(out / "dpo" / "valid.jsonl", [pair(*item) for item in splits["valid"] + splits["test"]])
-    print(f"wrote {out}/sft (train {len(sft_train)}, valid {len(splits['valid'])}, test {len(splits['test'])}) "
-          f"and {out}/dpo (train {len(train)}, valid {len(splits['valid']) + len(splits['test'])})")
+    print(
+        f"wrote {out}/sft (train {len(sft_train)}, valid {len(splits['valid'])}, test {len(splits['test'])}) "
+        f"and {out}/dpo (train {len(train)}, valid {len(splits['valid']) + len(splits['test'])})"
+    )
 
 
 if __name__ == "__main__":

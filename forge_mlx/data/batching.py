@@ -34,9 +34,12 @@ class Batch:
 
 
 def padded_length(n: int) -> int:
-    """Row length T for a longest row of n tokens: T - 1 (model input) rounds up to 8, or 32 past 512."""
-    step = 8 if n <= 513 else 32
-    return 1 + step * -(-max(n - 1, 1) // step)
+    """Row length T for a longest row of n tokens. T - 1 (the model input) rounds up to a multiple of the largest
+    power of two <= (n - 1) / 16, at most 32: rounding adds under 1/16 of a row (a fixed multiple of 8 added ~9 %
+    to short chat rows), and each doubling of length compiles at most 16 step shapes."""
+    m = max(n - 1, 1)
+    step = min(32, 1 << max(0, (m // 16).bit_length() - 1))
+    return 1 + step * -(-m // step)
 
 
 def pack_examples(examples: list[SFTExample], capacity: int) -> list[tuple[_Seq, tuple[int, ...]]]:

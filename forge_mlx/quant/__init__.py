@@ -45,7 +45,7 @@ def dequantize_residual(module: nn.Module) -> mx.array:
     """The (out, in) float32 weight a residual module multiplies by, whichever kind it is."""
     if isinstance(module, NF4Linear):
         weight = module.dequantize(mx.float32)  # the exact NF4 values, whatever the layer dtype
-    elif isinstance(module, nn.QuantizedLinear):
+    elif isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
         weight = mx.dequantize(
             module.weight,
             module.scales,
@@ -70,19 +70,31 @@ class _DequantizedForward:
         return y + self["bias"] if "bias" in self else y
 
 
+class _DequantizedEmbedding:
+    """A 4-bit embedding (an mlx_lm-quantized model's, tied as the LM head) read and multiplied through its
+    full-precision copy: as a head it is the largest matmul of a small model (49,152 x 576 for SmolLM2)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self._dequantized[x]
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return x @ self._dequantized.T
+
+
 _CACHED_CLASSES: dict[type, type] = {}
 
 
 def cache_dequantized(module: nn.Module) -> nn.Module:
     """Give a quantized residual a dequantized weight copy (not a parameter: the name starts with '_') and route
     its forward through it; the stored 4-bit arrays, saved files and exports are unchanged."""
-    if not isinstance(module, (NF4Linear, nn.QuantizedLinear)) or "_dequantized" in module:
+    if not isinstance(module, (NF4Linear, nn.QuantizedLinear, nn.QuantizedEmbedding)) or "_dequantized" in module:
         return module
     dtype = module.dtype if isinstance(module, NF4Linear) else module.scales.dtype
     module._dequantized = dequantize_residual(module).astype(dtype)
     base = type(module)
     if base not in _CACHED_CLASSES:
-        _CACHED_CLASSES[base] = type(base.__name__, (_DequantizedForward, base), {})
+        forward = _DequantizedEmbedding if isinstance(module, nn.QuantizedEmbedding) else _DequantizedForward
+        _CACHED_CLASSES[base] = type(base.__name__, (forward, base), {})
     module.__class__ = _CACHED_CLASSES[base]
     return module
 

@@ -17,8 +17,15 @@ import torch
 from torch import nn
 
 from forge_mlx.errors import ForgeError
-from forge_mlx.targets import ADAPTER_NAMES, check_adapter_options, init_niter, layer_ranks, select_targets
-from forge_mlx.torch_backend.pissa import lora_factors, pissa_factors, qpissa
+from forge_mlx.targets import (
+    ADAPTER_NAMES,
+    adapter_factors,
+    check_adapter_weights,
+    layer_ranks,
+    layer_report,
+    select_targets,
+)
+from forge_mlx.torch_backend import pissa
 from forge_mlx.torch_backend.quant import QUANTIZED, dequantize_residual, make_residual, quantize_dequantize
 
 
@@ -72,24 +79,12 @@ def build_adapter(
     if not isinstance(linear, (nn.Linear, *QUANTIZED)):
         raise ForgeError(f"cannot adapt a {type(linear).__name__}, only linear layers", where=name or None)
     weight = dequantize_residual(linear).cpu()  # (out, in) fp32
-    out_dims, in_dims = weight.shape
-    alpha = 2.0 * rank if alpha is None else alpha
-    check_adapter_options((out_dims, in_dims), rank, alpha, init, residual, qpissa_iters, name)
-    scale = alpha / rank
     quant = dict(group_size=group_size, bits=bits, blocksize=blocksize, double_quant=double_quant, dtype=dtype)
-    errors: list[float] = []
-    if init == "lora":
-        lora_a, lora_b = lora_factors(in_dims, out_dims, rank, seed)
-        residual_weight = weight
-    elif residual == "none":
-        lora_a, lora_b, residual_weight = pissa_factors(weight, rank, scale, init_niter(init), seed)
-    else:
-        round_trip = lambda w: quantize_dequantize(w, residual, name=name, **quant)
-        lora_a, lora_b, residual_weight, errors = qpissa(
-            weight, rank, scale, round_trip, qpissa_iters, init_niter(init), seed
-        )
-    bias = getattr(linear, "bias", None)
-    base = make_residual(residual_weight, residual, bias=bias, name=name, **quant)
+    round_trip = lambda w: quantize_dequantize(w, residual, name=name, **quant)
+    lora_a, lora_b, residual_weight, scale, errors = adapter_factors(
+        pissa, weight, rank, alpha, init, residual, qpissa_iters, seed, name, round_trip
+    )
+    base = make_residual(residual_weight, residual, bias=getattr(linear, "bias", None), name=name, **quant)
     return PiSSALinear(base, lora_a, lora_b, scale, dropout), errors
 
 
@@ -151,14 +146,7 @@ def apply_adapters(
             linear, ranks[path], alpha, init=init, residual=residual, seed=seed + index, name=path, **options
         )
         swap_module(model, path, adapter.to(module_device(linear)))
-        in_dims, layer_rank = adapter.lora_a.shape
-        layers[path] = {
-            "shape": [adapter.lora_b.shape[1], in_dims],
-            "rank": layer_rank,
-            "scale": adapter.scale,
-            "seconds": time.perf_counter() - start,
-            "qpissa_errors": errors,
-        }
+        layers[path] = layer_report(adapter, time.perf_counter() - start, errors)
         if on_layer is not None:
             on_layer(path, layers[path])
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -195,19 +183,7 @@ def adapter_weights(model: nn.Module) -> dict[str, torch.Tensor]:
 def load_adapter_weights(model: nn.Module, weights: dict[str, np.ndarray | torch.Tensor]) -> None:
     """Set the adapter factors from `weights`, which must name exactly the model's adapters and shapes."""
     current = adapter_weights(model)
-    missing, unexpected = sorted(current.keys() - weights.keys()), sorted(weights.keys() - current.keys())
-    if missing or unexpected:
-        first = f"missing '{missing[0]}'" if missing else f"unexpected '{unexpected[0]}'"
-        raise ForgeError(
-            f"adapter weights do not match the model: {first} ({len(missing)} missing, {len(unexpected)} unexpected)",
-            hint="load them into a model adapted with the same targets",
-        )
+    check_adapter_weights(current, weights)
     with torch.no_grad():
         for key, value in weights.items():
-            value = torch.as_tensor(value)
-            if tuple(value.shape) != tuple(current[key].shape):
-                raise ForgeError(
-                    f"adapter '{key}' has shape {tuple(value.shape)}, not {tuple(current[key].shape)}",
-                    hint="use the rank and rank_pattern of the run that saved them",
-                )
-            current[key].copy_(value)
+            current[key].copy_(torch.as_tensor(value))

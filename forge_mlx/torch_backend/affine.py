@@ -14,23 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from forge_mlx.errors import ForgeError
-
-AFFINE_BITS = (4, 8)
-AFFINE_GROUP_SIZES = (32, 64, 128)  # the group sizes mx.quantize accepts in affine mode
-
-
-def check_affine(in_dims: int, group_size: int, bits: int, name: str = "") -> None:
-    where = name or None
-    if bits not in AFFINE_BITS:
-        raise ForgeError(f"affine residual bits must be one of {AFFINE_BITS}, got {bits}", where=where)
-    if group_size not in AFFINE_GROUP_SIZES or in_dims % group_size:
-        valid = ", ".join(str(g) for g in AFFINE_GROUP_SIZES if in_dims % g == 0)
-        raise ForgeError(
-            f"group size {group_size} does not fit a layer with {in_dims} input features",
-            where=where,
-            hint=f"valid group sizes here: {valid or 'none, keep this layer unquantized'}",
-        )
+from forge_mlx.targets import check_affine
 
 
 def quantize_affine(

@@ -1,46 +1,19 @@
 """NF4 storage in torch, byte for byte what forge_mlx/quant/nf4.py (and bitsandbytes) writes.
 
-QLoRA (Dettmers et al. 2023, arXiv:2305.14314). Quantizing runs on the CPU in float32 with the same ops as the
-MLX side's numpy: blocks over the row-major flattened weight (a last partial block gets its own absmax),
-every element scaled by the float32 reciprocal of its block's absmax, nearest level with ties to the lower
-one; double quantization stores absmax - mean(absmax) as 8-bit dynamic-map codes in blocks of 256.
-Dequantizing is torch ops on the layer's device.
+QLoRA (Dettmers et al. 2023, arXiv:2305.14314). Quantizing is the float32 numpy both backends share
+(forge_mlx/nf4_codebook.py), on the CPU; dequantizing is torch ops on the layer's device.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import cache
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from forge_mlx.errors import ForgeError
-
-# bitsandbytes' get_4bit_type("nf4"): normal-distribution quantiles, sorted, in [-1, 1].
-NF4_LEVELS = (
-    -1.0,
-    -0.6961928009986877,
-    -0.5250730514526367,
-    -0.39491748809814453,
-    -0.28444138169288635,
-    -0.18477343022823334,
-    -0.09105003625154495,
-    0.0,
-    0.07958029955625534,
-    0.16093020141124725,
-    0.24611230194568634,
-    0.33791524171829224,
-    0.44070982933044434,
-    0.5626170039176941,
-    0.7229568362236023,
-    1.0,
-)
-BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # those bitsandbytes' quantize_4bit accepts
-NESTED_BLOCKSIZE = 256  # bitsandbytes' double quantization of absmax
-_TINY = 1e-38  # bitsandbytes clamps absmax to this before taking its reciprocal
+from forge_mlx.nf4_codebook import NESTED_BLOCKSIZE, NF4_LEVELS, quantize
 
 
 @dataclass(frozen=True)
@@ -61,31 +34,6 @@ class NF4Tensor:
         return self.nested_absmax is not None
 
 
-@cache
-def dynamic_map() -> torch.Tensor:
-    """bitsandbytes' create_dynamic_map(signed=True), computed as bitsandbytes does: 256 sorted float32
-    codes."""
-    data = [0.0, 1.0]
-    for i in range(7):
-        bounds = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
-        means = (bounds[:-1] + bounds[1:]) / 2.0
-        data += (10 ** (i - 6) * means).tolist() + (-(10 ** (i - 6)) * means).tolist()
-    return torch.tensor(sorted(data), dtype=torch.float32)
-
-
-def _quantize_blocks(x: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest code of x/absmax per block (ties to the lower code), over x zero-padded to whole blocks."""
-    blocks = -(-x.numel() // blocksize)
-    padded = torch.zeros(blocks * blocksize, dtype=torch.float32)
-    padded[: x.numel()] = x
-    padded = padded.reshape(blocks, blocksize)
-    absmax = padded.abs().amax(dim=1)  # (blocks,)
-    scaled = padded * (1.0 / absmax.clamp_min(_TINY))[:, None]
-    midpoints = (code[:-1] + code[1:]) / 2
-    codes = torch.searchsorted(midpoints, scaled.reshape(-1), right=False).to(torch.uint8)
-    return codes, absmax
-
-
 def quantize_nf4(
     w: torch.Tensor,
     blocksize: int = 64,
@@ -96,22 +44,10 @@ def quantize_nf4(
 ) -> NF4Tensor:
     """bitsandbytes quantize_4bit(w, blocksize, compress_statistics=double_quant, quant_type="nf4"), on the
     CPU."""
-    if blocksize not in BLOCKSIZES:
-        hint = f"use one of {BLOCKSIZES}"
-        raise ForgeError(f"NF4 block size {blocksize} is not supported", where=name or None, hint=hint)
-    flat = w.detach().to("cpu", torch.float32).reshape(-1)  # (n,)
-    if not torch.isfinite(flat).all():
-        raise ForgeError("weight has NaN or infinite values; it cannot be quantized", where=name or None)
-    codes, absmax = _quantize_blocks(flat, torch.tensor(NF4_LEVELS, dtype=torch.float32), blocksize)
-    codes = codes[: flat.numel() + flat.numel() % 2]  # an odd count is padded with the code of 0.0
-    packed = (codes[0::2] << 4) | codes[1::2]  # (ceil(n/2),)
-    nested = {}
-    if double_quant:
-        offset = absmax.double().mean().float()
-        codes, nested_absmax = _quantize_blocks(absmax - offset, dynamic_map(), NESTED_BLOCKSIZE)
-        absmax = codes[: absmax.numel()]
-        nested = {"nested_absmax": nested_absmax, "nested_quant_map": dynamic_map().clone(), "offset": offset}
-    return NF4Tensor(packed, absmax, tuple(w.shape), blocksize, w.dtype if dtype is None else dtype, **nested)
+    flat = w.detach().to("cpu", torch.float32).reshape(-1).numpy()  # (n,)
+    parts = {k: torch.tensor(v) for k, v in quantize(flat, blocksize, double_quant, name).items()}  # copies
+    dtype = w.dtype if dtype is None else dtype
+    return NF4Tensor(parts.pop("packed"), parts.pop("absmax"), tuple(w.shape), blocksize, dtype, **parts)
 
 
 def _scale_blocks(values: torch.Tensor, scales: torch.Tensor, blocksize: int, n: int) -> torch.Tensor:

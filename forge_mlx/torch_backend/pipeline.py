@@ -4,21 +4,21 @@ the MLX side writes (same files, names and layouts), so export, eval and runs.lo
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import torch
 from safetensors.numpy import load_file
 from torch import nn
 
+from forge_mlx import phases, reporting
 from forge_mlx.adapter_import import check_layers, merged_weight, read_adapter
 from forge_mlx.config import Config
-from forge_mlx.data.batching import BatchStream, eval_batches
-from forge_mlx.data.jsonl import load_split
-from forge_mlx.data.sft import encode_sft_split
 from forge_mlx.errors import ForgeError
-from forge_mlx.loop_common import LoopSpec
+from forge_mlx.loop_common import loop_spec
 from forge_mlx.metrics_log import plot_losses
 from forge_mlx.model_files import read_model_config, resolve_model_path
+from forge_mlx.phases import pad_id, sft_splits  # noqa: F401  (torch_backend.bench reads its data through here)
 from forge_mlx.run_files import (
     ADAPTER_CONFIG,
     FINAL_ADAPTERS,
@@ -27,7 +27,6 @@ from forge_mlx.run_files import (
     atomic_write_text,
     latest_good,
     phase_done,
-    phase_steps,
     prepare_run_dir,
     real_rows,
     save_numpy_arrays,
@@ -41,12 +40,7 @@ from forge_mlx.torch_backend.adapters import (
 from forge_mlx.torch_backend.device import compute_dtype, pick_device
 from forge_mlx.torch_backend.losses import sft_loss
 from forge_mlx.torch_backend.quant import cache_dequantized
-from forge_mlx.torch_backend.train import (
-    make_optimizer,
-    resume_point,
-    to_numpy,
-    train_loop,
-)
+from forge_mlx.torch_backend.train import make_optimizer, resume_point, to_numpy, train_loop
 
 
 def load_model(name: str, dtype: str = "auto", device: torch.device | None = None):
@@ -93,131 +87,62 @@ def merge_imported_adapter(model: nn.Module, path: str, log=print) -> int:
 def adapt(model: nn.Module, config: Config, device: torch.device, log=print) -> dict:
     """PiSSA (or LoRA) adapters on the targets over a quantized residual, as forge_mlx.pipeline.adapt."""
     a = config.adapter
-    done = {"n": 0}
-
-    def progress(path: str, entry: dict) -> None:
-        done["n"] += 1
-        if done["n"] == 1 or done["n"] % 10 == 0:
-            log(f"  init {done['n']} layers ({path}: {entry['seconds']:.2f} s)")
-
-    quant = dict(group_size=a.group_size, bits=a.bits, blocksize=a.blocksize, double_quant=a.double_quant)
     merged = merge_imported_adapter(model, a.import_adapter, log) if a.import_adapter else 0
-    report = apply_adapters(
-        model,
-        targets=a.targets,
-        rank=a.rank,
-        alpha=a.alpha,
-        init=a.init,
-        residual=a.residual,
-        rank_pattern=a.rank_pattern,
-        seed=config.seed,
-        on_layer=progress,
-        qpissa_iters=a.qpissa_iters,
-        dtype=compute_dtype(config.dtype, device),
-        dropout=a.dropout,
-        **quant,
-    )
+    report = apply_adapters(model, dtype=compute_dtype(config.dtype, device), **phases.adapter_options(config, log))
     report["imported_layers_merged"] = merged
-    report["frozen_linears_quantized"] = quantize_frozen_linears(model, a.residual, **quant)
+    report["frozen_linears_quantized"] = quantize_frozen_linears(model, a.residual, **phases.quant_options(a))
     if a.cpu_dequant_cache and device.type == "cpu":
         for module in model.modules():
             cache_dequantized(module)
     return report
 
 
+def tensors(arrays: tuple, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """A batch's numpy arrays on `device`; the token ids (first) as int64, which embedding lookups take."""
+    tokens, *rest = arrays
+    return (torch.from_numpy(tokens).long().to(device), *(torch.from_numpy(a).to(device) for a in rest))
+
+
 def sft_tensors(batch, device: torch.device) -> tuple[tuple[torch.Tensor, torch.Tensor], int]:
-    rows = real_rows(batch)
-    tokens = torch.from_numpy(batch.tokens[rows]).long().to(device)
-    return (tokens, torch.from_numpy(batch.loss_mask[rows]).to(device)), int(batch.lengths[rows].sum())
+    arrays, n_tokens = phases.sft_rows(batch, real_rows(batch))
+    return tensors(arrays, device), n_tokens
 
 
 def sft_loss_fn(chunk_size: int | None):
-    def loss_fn(model, tokens, mask):
-        loss, n_tokens = sft_loss(model, tokens, mask, chunk_size=chunk_size)
-        return loss, n_tokens, {}
-
-    return loss_fn
+    return phases.sft_loss_fn(sft_loss, chunk_size)
 
 
-def sft_splits(config: Config, tokenizer, log=print):
-    """(train, valid or None) encoded SFT splits, as the MLX pipeline reads them."""
-    d = config.data
-    encode = dict(
-        max_seq_length=d.max_seq_length, overlong=d.overlong, mask_prompt=d.mask_prompt, supervise=d.supervise
-    )
-    train_set = encode_sft_split(load_split(d.train, "train", kind="sft"), tokenizer, **encode)
-    valid_source = d.valid or (d.train if Path(d.train).is_dir() else None)
-    valid_data = load_split(valid_source, "valid", kind="sft", required=d.valid is not None) if valid_source else None
-    valid_set = encode_sft_split(valid_data, tokenizer, **encode) if valid_data else None
-    log(
-        f"SFT data: {len(train_set.examples)} examples (truncated {train_set.truncated}, dropped "
-        f"{train_set.dropped_overlong} over max_seq_length, {train_set.dropped_no_target} with no target)"
-        + (f", valid {len(valid_set.examples)}" if valid_set else "")
-    )
-    return train_set, valid_set
-
-
-def pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-
-
-def run_sft(model, tokenizer, config: Config, run_dir: Path, resume: bool, device: torch.device, log=print) -> dict:
+def train_phase(
+    model, phase: phases.Phase, loss_fn, arrays, val_arrays, config: Config, run_dir, resume, device, log
+) -> dict:
+    """Train the adapters on a phase's batches (arrays(batch) -> (loss_fn's tensors, real tokens); val_arrays the
+    same for validation), from its newest checkpoint when resuming; returns the phase summary."""
     t = config.train
-    train_set, valid_set = sft_splits(config, tokenizer, log)
-    pad = pad_id(tokenizer)
-    stream = BatchStream(
-        train_set.examples,
-        t.batch_size,
-        seed=config.seed,
-        max_seq_length=config.data.max_seq_length,
-        pad_id=pad,
-    )
-    steps = phase_steps(stream.batches_per_epoch, t.grad_accum, t.steps, t.epochs)
-    optimizer = make_optimizer(model, t.lr, steps, t.warmup_steps, t.min_lr_ratio, t.weight_decay)
-    start, data_state = resume_point(run_dir, "sft", model, optimizer, device, log) if resume else (0, None)
-    if data_state:
-        stream = BatchStream.from_state(train_set.examples, data_state, pad_id=pad)
-    val = None
-    if valid_set and valid_set.examples and t.val_batches:
-        val_list = [sft_tensors(b, device)[0] for b in eval_batches(valid_set.examples, t.batch_size, pad_id=pad)]
-        val = lambda: val_list[: t.val_batches]  # noqa: E731
-    spec = LoopSpec(
-        "sft",
-        steps,
-        t.grad_accum,
-        t.max_grad_norm,
-        t.steps_per_report,
-        t.steps_per_eval,
-        t.save_every,
-        t.max_bad_steps,
-        t.val_batches,
-        config.memory.alert_threshold,
-    )
+    val = phase.val_batches(t.val_batches, lambda b: val_arrays(b)[0])
+    optimizer = make_optimizer(model, phase.lr, phase.steps, phase.warmup_steps, t.min_lr_ratio, t.weight_decay)
+    start, data_state = resume_point(run_dir, phase.name, model, optimizer, device, log) if resume else (0, None)
+    stream = phase.resume(data_state)
     result = train_loop(
         model,
         optimizer,
-        sft_loss_fn(t.loss_chunk_size),
-        (sft_tensors(b, device) for b in stream),
-        spec,
+        loss_fn,
+        (arrays(b) for b in stream),
+        loop_spec(phase.name, phase.steps, phase.grad_accum, config),
         run_dir,
         device,
         data_state=stream.state,
         val_batches=val,
         start_step=start,
-        extra_report=lambda: {"padding_fraction": stream.padding_fraction},
+        extra_report=phase.extra_report,
     )
-    summary = {
-        "steps": result.steps_done,
-        "final_loss": result.last_loss,
-        "interrupted": result.interrupted,
-        "padding_fraction": stream.padding_fraction,
-        "examples": len(train_set.examples),
-        "truncated": train_set.truncated,
-        "dropped": train_set.dropped_overlong,
-    }
-    if not result.interrupted:
-        atomic_write_text(run_dir / "sft_done.json", json.dumps(summary, indent=1))
-    return summary
+    return phase.finish(run_dir, result)
+
+
+def run_sft(model, tokenizer, config: Config, run_dir: Path, resume: bool, device: torch.device, log=print) -> dict:
+    sft = phases.sft_phase(config, tokenizer, log)
+    loss_fn = sft_loss_fn(config.train.loss_chunk_size)
+    arrays = partial(sft_tensors, device=device)
+    return train_phase(model, sft, loss_fn, arrays, arrays, config, run_dir, resume, device, log)
 
 
 def save_adapters(path: Path, model: nn.Module) -> None:
@@ -248,6 +173,12 @@ def prepare_model(config: Config, device: torch.device | None = None, log=print)
 def run_training(config: Config, resume: bool = False, log=print, device: torch.device | str | None = None) -> dict:
     """The whole job on torch; returns a summary that is also written to RUN/summary.json."""
     run_dir = prepare_run_dir(config, resume)
+    with reporting.session(config, run_dir):
+        return train_run(config, run_dir, resume, log, device)
+
+
+def train_run(config: Config, run_dir: Path, resume: bool, log=print, device: torch.device | str | None = None) -> dict:
+    """Load, adapt, SFT, DPO and the final files, into a prepared run directory."""
     device = pick_device(str(device)) if device is not None else None
     model, tokenizer, model_config, device, report = prepare_model(config, device, log)
     meta = adapter_metadata(config, report, model_config)

@@ -3,7 +3,6 @@ clipping, MLX's AdamW, NaN skipping, validation, atomic checkpoints (the MLX lay
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,15 +12,16 @@ import torch
 from safetensors.numpy import load_file
 from torch import nn
 
-from forge_mlx.errors import ForgeError
 from forge_mlx.loop_common import (
     Interrupt,
     LoopResult,
     LoopSpec,
     add_to_window,
+    bad_step,
     new_window,
     progress,
     report_record,
+    skip_step,
 )
 from forge_mlx.metrics_log import MetricsLog
 from forge_mlx.run_files import latest_good, list_checkpoints, save_numpy_arrays, verify, write_checkpoint
@@ -140,6 +140,11 @@ def apply_update(optimizer: AdamW, total_weight: float, max_grad_norm: float) ->
     return norm
 
 
+def grads_finite(optimizer: AdamW) -> bool:
+    """Every accumulated gradient entry is finite (a finite loss can still overflow in the backward)."""
+    return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in optimizer.params.values())
+
+
 def zero_grads(optimizer: AdamW) -> None:
     for param in optimizer.params.values():
         param.grad = None
@@ -220,24 +225,11 @@ def train_loop(
             tic = time.perf_counter()
             loss_sum, total_weight, aux_sum, tokens = accumulate(model, loss_fn, batches, spec.grad_accum)
             step_loss = loss_sum / max(total_weight, 1e-9)
-            if not math.isfinite(step_loss) or total_weight == 0:
+            what = bad_step(step_loss, total_weight, grads_finite(optimizer))
+            if what:
                 zero_grads(optimizer)
                 bad_in_row += 1
-                log.write(
-                    {
-                        "phase": spec.phase,
-                        "step": step + 1,
-                        "event": "skipped_nonfinite_loss",
-                        "loss": str(step_loss),
-                    }
-                )
-                print(f"\n[{spec.phase}] step {step + 1}: non-finite loss ({step_loss}); update skipped")
-                if bad_in_row >= spec.max_bad_steps:
-                    raise ForgeError(
-                        f"{bad_in_row} non-finite losses in a row; stopped with the last good checkpoint intact",
-                        where=str(run_dir),
-                        hint="lower the learning rate or check the data",
-                    )
+                skip_step(log, spec, step, step_loss, what, bad_in_row, run_dir)
                 continue
             bad_in_row = 0
             grad_norm = apply_update(optimizer, total_weight, spec.max_grad_norm)
