@@ -19,7 +19,7 @@ from forge_mlx import distributed as dist
 from forge_mlx import dpo_reference, phases
 from forge_mlx.config import Config
 from forge_mlx.losses import dpo_loss, sequence_logps
-from forge_mlx.pipeline import local_rows, train_phase
+from forge_mlx.pipeline import local_rows, train_backend
 from forge_mlx.run_files import REFERENCE_FILE  # noqa: F401  (tests find the reference file through this module)
 
 
@@ -48,4 +48,6 @@ def run_dpo(model, tokenizer, config: Config, run_dir: Path, resume: bool, log=p
     reference, valid_reference = dpo_reference.phase_references(run_dir, dpo, config, score, write=dist.is_main())
     arrays = partial(preference_arrays, reference=reference)
     val_arrays = partial(preference_arrays, reference=valid_reference)
-    return train_phase(model, dpo, dpo_loss_fn(config), arrays, val_arrays, config, run_dir, resume, log)
+    return phases.train_phase(
+        train_backend(model), model, dpo, dpo_loss_fn(config), arrays, val_arrays, config, run_dir, resume, log
+    )

@@ -1,14 +1,17 @@
-"""The backend-free parts of the training loop: its spec and result, Ctrl-C handling, report records and the
-progress line, so both backends log the same metrics.jsonl records."""
+"""The backend-free parts of the training loop: its spec and result, Ctrl-C handling and its bookkeeping (bad-step
+count, report window, memory alert, metrics.jsonl records, progress lines), so both backends log the same records."""
 
 from __future__ import annotations
 
 import math
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from forge_mlx.errors import ForgeError
+from forge_mlx.metrics_log import MetricsLog
 
 
 @dataclass
@@ -81,19 +84,6 @@ def bad_step(step_loss: float, total_weight: float, grads_finite: bool) -> str |
     return None if grads_finite else "grad"
 
 
-def skip_step(log, spec: LoopSpec, step: int, step_loss: float, what: str, bad_in_row: int, run_dir) -> None:
-    """Record and announce a skipped update (log is None off rank 0); stop after spec.max_bad_steps in a row."""
-    if log is not None:
-        log.write({"phase": spec.phase, "step": step + 1, "event": f"skipped_nonfinite_{what}", "loss": str(step_loss)})
-        print(f"\n[{spec.phase}] step {step + 1}: non-finite {what} (loss {step_loss}); update skipped")
-    if bad_in_row >= spec.max_bad_steps:
-        raise ForgeError(
-            f"{bad_in_row} non-finite steps in a row (last: {what}); stopped with the last good checkpoint intact",
-            where=str(run_dir),
-            hint="lower the learning rate or check the data",
-        )
-
-
 def new_window() -> dict:
     """Sums over the steps since the last report."""
     return {"loss": 0.0, "weight": 0.0, "tokens": 0, "time": 0.0, "aux": {}}
@@ -133,3 +123,112 @@ def progress(phase: str, step: int, total: int, loss: float, lr: float, tps: flo
     )
     end = "\r" if sys.stdout.isatty() else "\n"
     print(line, end=end, flush=True)
+
+
+class Bookkeeping:
+    """What a loop does around its array work, the same in both backends: counts bad steps, sums the report
+    window, warns once about memory, and keeps the report and validation records; only the main rank (data
+    parallel: rank 0) writes metrics.jsonl and prints."""
+
+    def __init__(
+        self,
+        spec: LoopSpec,
+        run_dir: Path,
+        start_step: int,
+        device_bytes: int,
+        *,
+        main: bool = True,
+        extra_report: Callable[[], dict] = dict,
+    ) -> None:
+        self.spec, self.run_dir, self.main, self.extra_report = spec, run_dir, main, extra_report
+        self.log = MetricsLog(Path(run_dir) / "metrics.jsonl") if main else None
+        self.device_bytes = device_bytes
+        self.result = LoopResult(start_step, float("nan"))
+        self.window = new_window()
+        self.bad_in_row, self.warned, self.peak = 0, False, 0
+
+    def skipped(self, step: int, step_loss: float, what: str | None) -> bool:
+        """True when the update must be skipped (`what` from bad_step): records and announces it, and stops after
+        spec.max_bad_steps in a row; a good step resets the count."""
+        if not what:
+            self.bad_in_row = 0
+            return False
+        self.bad_in_row += 1
+        spec = self.spec
+        if self.main:
+            self.log.write(
+                {"phase": spec.phase, "step": step + 1, "event": f"skipped_nonfinite_{what}", "loss": str(step_loss)}
+            )
+            print(f"\n[{spec.phase}] step {step + 1}: non-finite {what} (loss {step_loss}); update skipped")
+        if self.bad_in_row >= spec.max_bad_steps:
+            raise ForgeError(
+                f"{self.bad_in_row} non-finite steps in a row (last: {what}); "
+                "stopped with the last good checkpoint intact",
+                where=str(self.run_dir),
+                hint="lower the learning rate or check the data",
+            )
+        return True
+
+    def stepped(
+        self,
+        step: int,
+        step_loss: float,
+        loss_sum: float,
+        weight: float,
+        tokens: float,
+        seconds: float,
+        aux: dict,
+        peak: int,
+    ) -> None:
+        """Take in an applied update (sums over its micro-batches, peak memory in bytes so far)."""
+        self.result.steps_done, self.result.last_loss = step, step_loss
+        add_to_window(self.window, loss_sum, weight, int(tokens), seconds, aux)
+        self.peak = peak
+        limit = self.device_bytes * self.spec.memory_alert
+        if self.main and limit and peak > limit and not self.warned:
+            self.warned = True
+            print(
+                f"\nWARNING: peak memory {peak / 2**30:.2f} GB is over {self.spec.memory_alert:.0%} of the "
+                f"device's {self.device_bytes / 2**30:.1f} GB: {self.spec.memory_hint}"
+            )
+
+    def due(self, step: int, every: int) -> bool:
+        """Every `every` steps and at the last one (reports, validation, checkpoints)."""
+        return step % every == 0 or step == self.spec.steps
+
+    def report(self, step: int, lr: float, grad_norm: float) -> None:
+        """The report record (means over the window since the last one) and the progress line."""
+        spec = self.spec
+        record = {**report_record(spec, step, lr, self.window, self.peak, grad_norm), **self.extra_report()}
+        self.result.history.append(record)
+        if self.main:
+            self.log.write(record)
+            progress(
+                spec.phase, step, spec.steps, record["loss"], record["lr"], record["tokens_per_s"], self.peak / 2**30
+            )
+        self.window = new_window()
+
+    def validated(self, step: int, val_loss: float, val_aux: dict[str, float]) -> None:
+        """The validation record (evaluate_loss's mean loss and aux means)."""
+        record = {
+            "phase": self.spec.phase,
+            "step": step,
+            "val_loss": val_loss,
+            **{f"val_{k}": v for k, v in val_aux.items()},
+        }
+        self.result.history.append(record)
+        if self.main:
+            self.log.write(record)
+            print(f"\n[{self.spec.phase}] step {step}: val loss {val_loss:.4f}", flush=True)
+
+    def interrupted(self, step: int) -> None:
+        """Ctrl-C: the checkpoint of `step` is written; the loop stops."""
+        if self.main:
+            print(f"\n[{self.spec.phase}] interrupted: checkpoint written at step {step}; continue with --resume")
+        self.result.interrupted = True
+
+    def finished(self) -> LoopResult:
+        """The result, after a newline that ends the progress lines."""
+        if self.main:
+            print()
+        return self.result

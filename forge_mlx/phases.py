@@ -1,6 +1,7 @@
-"""The backend-free half of `forge-mlx train`: the adapter options a config asks for, and each phase's encoded
-splits, numpy batch stream, validation batches and summary file. A backend turns the numpy batches into its
-own arrays and runs its loop; both then train on the same data and write the same files."""
+"""The backend-free half of `forge-mlx train`: the adapter options a config asks for, each phase's encoded
+splits, numpy batch stream, validation batches and summary file, and train_phase, which drives a backend's
+optimizer, resume and loop functions over them. A backend turns the numpy batches into its own arrays and runs
+its loop; both then train on the same data and write the same files."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from forge_mlx.data.jsonl import load_split
 from forge_mlx.data.preference import encode_preference_split
 from forge_mlx.data.sft import EncodedSplit, encode_sft_split
 from forge_mlx.errors import ForgeError
-from forge_mlx.loop_common import LoopResult
+from forge_mlx.loop_common import LoopResult, loop_spec
 from forge_mlx.run_files import atomic_write_text, phase_steps
 
 
@@ -178,6 +179,41 @@ def dpo_phase(config: Config, tokenizer, log=print) -> Phase:
     stream = BatchStream(train_set.examples, d.batch_size, seed=config.seed, pad_id=pad)
     steps = phase_steps(stream.batches_per_epoch, d.grad_accum, d.steps, d.epochs)
     return Phase("dpo", train_set, valid_set, stream, pad, d.batch_size, steps, d.grad_accum, d.lr, d.warmup_steps)
+
+
+@dataclass(frozen=True)
+class TrainBackend:
+    """A backend's training functions, bound to its model and device, as train_phase calls them."""
+
+    make_optimizer: Callable  # (lr, steps, warmup_steps, min_lr_ratio, weight_decay) -> optimizer
+    resume_point: Callable  # (run_dir, phase, model, optimizer, log) -> (step, data state or None), state loaded
+    train_loop: Callable  # (model, optimizer, loss_fn, batches, spec, run_dir, **loop options) -> LoopResult
+    write: bool = True  # whether this process writes the done file (data parallel: rank 0 alone)
+
+
+def train_phase(
+    backend: TrainBackend, model, phase: Phase, loss_fn, arrays, val_arrays, config: Config, run_dir, resume, log
+) -> dict:
+    """Train the adapters on a phase's batches (arrays(batch) -> (loss_fn's arrays, real tokens); val_arrays the
+    same for validation), from its newest checkpoint when resuming; returns the phase summary."""
+    t = config.train
+    val = phase.val_batches(t.val_batches, lambda b: val_arrays(b)[0])
+    optimizer = backend.make_optimizer(phase.lr, phase.steps, phase.warmup_steps, t.min_lr_ratio, t.weight_decay)
+    start, data_state = backend.resume_point(run_dir, phase.name, model, optimizer, log) if resume else (0, None)
+    stream = phase.resume(data_state)
+    result = backend.train_loop(
+        model,
+        optimizer,
+        loss_fn,
+        (arrays(b) for b in stream),
+        loop_spec(phase.name, phase.steps, phase.grad_accum, config),
+        run_dir,
+        data_state=stream.state,
+        val_batches=val,
+        start_step=start,
+        extra_report=phase.extra_report,
+    )
+    return phase.finish(run_dir, result, write=backend.write)
 
 
 def pair_ids(batch: Batch) -> list[int]:

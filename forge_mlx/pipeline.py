@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
@@ -20,7 +21,6 @@ from forge_mlx.adapters import adapter_weights, apply_adapters, load_adapter_wei
 from forge_mlx.config import Config
 from forge_mlx.data.batching import shard
 from forge_mlx.errors import ForgeError
-from forge_mlx.loop_common import loop_spec
 from forge_mlx.losses import sft_loss
 from forge_mlx.metrics_log import drop_metrics_after, plot_losses
 from forge_mlx.models import compute_dtype, load_model, on_gpu
@@ -145,34 +145,18 @@ def resume_point(run_dir: Path, phase: str, model, optimizer, log=print) -> tupl
     return record["step"], record["data"]
 
 
-def train_phase(model, phase: phases.Phase, loss_fn, arrays, val_arrays, config: Config, run_dir, resume, log) -> dict:
-    """Train the adapters on a phase's batches (arrays(batch) -> (loss_fn's arrays, real tokens); val_arrays the
-    same for validation), from its newest checkpoint when resuming; returns the phase summary."""
-    t = config.train
-    val = phase.val_batches(t.val_batches, lambda b: val_arrays(b)[0])
-    optimizer = make_optimizer(phase.lr, phase.steps, phase.warmup_steps, t.min_lr_ratio, t.weight_decay)
-    start, data_state = resume_point(run_dir, phase.name, model, optimizer, log) if resume else (0, None)
-    stream = phase.resume(data_state)
-    result = train_loop(
-        model,
-        optimizer,
-        loss_fn,
-        (arrays(b) for b in stream),
-        loop_spec(phase.name, phase.steps, phase.grad_accum, config),
-        run_dir,
-        adapter_weights=lambda: adapter_weights(model),
-        data_state=stream.state,
-        val_batches=val,
-        start_step=start,
-        extra_report=phase.extra_report,
-    )
-    return phase.finish(run_dir, result, write=dist.is_main())
+def train_backend(model) -> phases.TrainBackend:
+    """MLX's optimizer, checkpoint resume and loop for phases.train_phase; rank 0 alone writes the done files."""
+    loop = partial(train_loop, adapter_weights=lambda: adapter_weights(model))
+    return phases.TrainBackend(make_optimizer, resume_point, loop, write=dist.is_main())
 
 
 def run_sft(model, tokenizer, config: Config, run_dir: Path, resume: bool, log=print) -> dict:
     sft = phases.sft_phase(config, tokenizer, log)
     loss_fn = sft_loss_fn(config.train.loss_chunk_size)
-    return train_phase(model, sft, loss_fn, sft_arrays, sft_arrays, config, run_dir, resume, log)
+    return phases.train_phase(
+        train_backend(model), model, sft, loss_fn, sft_arrays, sft_arrays, config, run_dir, resume, log
+    )
 
 
 def configure_memory(config: Config) -> None:

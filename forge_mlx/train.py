@@ -15,18 +15,8 @@ from mlx.utils import tree_flatten, tree_map
 
 from forge_mlx import checkpoint as ckpt
 from forge_mlx import distributed as dist
-from forge_mlx.loop_common import (
-    Interrupt,
-    LoopResult,
-    LoopSpec,
-    add_to_window,
-    bad_step,
-    new_window,
-    progress,
-    report_record,
-    skip_step,
-)
-from forge_mlx.metrics_log import MetricsLog
+from forge_mlx.loop_common import Bookkeeping, Interrupt, LoopResult, LoopSpec, bad_step
+from forge_mlx.metrics_log import MetricsLog  # noqa: F401  (tests patch MetricsLog.write through this module)
 from forge_mlx.models import device_memory_bytes
 
 # loss_fn(model, *batch) -> (loss, weight, aux): loss is the weighted mean over `weight` units (tokens or pairs);
@@ -129,13 +119,8 @@ def train_loop(
     compiled step captures the model, optimizer and RNG state here.
     """
     main = dist.is_main()  # data parallel: rank 0 alone writes metrics, checkpoints and progress
-    log = MetricsLog(Path(run_dir) / "metrics.jsonl") if main else None
+    book = Bookkeeping(spec, run_dir, start_step, device_memory_bytes(), main=main, extra_report=extra_report)
     micro, update, state = make_step(model, optimizer, loss_fn, spec.max_grad_norm, spec.compile_step)
-    memory_limit = device_memory_bytes() * spec.memory_alert
-    warned = False
-    result = LoopResult(start_step, float("nan"))
-    window = new_window()
-    bad_in_row = 0
     model.train()
     with Interrupt() as interrupt:
         step = start_step
@@ -157,69 +142,22 @@ def train_loop(
             )
             aux_sum = dict(zip(aux_sum, aux_values))
             step_loss = loss_sum / max(total_weight, 1e-9)
-            what = bad_step(step_loss, total_weight, ranks_grads_ok >= dist.size())
-            if what:
-                bad_in_row += 1
-                skip_step(log, spec, step, step_loss, what, bad_in_row, run_dir)
+            if book.skipped(step, step_loss, bad_step(step_loss, total_weight, ranks_grads_ok >= dist.size())):
                 continue
-            bad_in_row = 0
             grad_norm = update(grad_sum, mx.array(total_weight, mx.float32))
             mx.eval(state, grad_norm)
             step += 1
-            result.steps_done, result.last_loss = step, step_loss
-            add_to_window(window, loss_sum, total_weight, int(tokens), time.perf_counter() - tic, aux_sum)
-            peak = mx.get_peak_memory()
-            if main and memory_limit and peak > memory_limit and not warned:
-                warned = True
-                print(
-                    f"\nWARNING: peak memory {peak / 2**30:.2f} GB is over {spec.memory_alert:.0%} of the "
-                    f"device's {device_memory_bytes() / 2**30:.1f} GB: {spec.memory_hint}"
-                )
-            if step % spec.steps_per_report == 0 or step == spec.steps:
-                record = {
-                    **report_record(spec, step, optimizer.learning_rate.item(), window, peak, grad_norm.item()),
-                    **extra_report(),
-                }
-                result.history.append(record)
-                if main:
-                    log.write(record)
-                    progress(
-                        spec.phase,
-                        step,
-                        spec.steps,
-                        record["loss"],
-                        record["lr"],
-                        record["tokens_per_s"],
-                        peak / 2**30,
-                    )
-                window = new_window()
-            if val_batches and spec.val_batches and (step % spec.steps_per_eval == 0 or step == spec.steps):
-                val_loss, val_aux = evaluate_loss(model, loss_fn, val_batches())
+            seconds = time.perf_counter() - tic
+            book.stepped(step, step_loss, loss_sum, total_weight, tokens, seconds, aux_sum, mx.get_peak_memory())
+            if book.due(step, spec.steps_per_report):
+                book.report(step, optimizer.learning_rate.item(), grad_norm.item())
+            if val_batches and spec.val_batches and book.due(step, spec.steps_per_eval):
+                book.validated(step, *evaluate_loss(model, loss_fn, val_batches()))
                 model.train()
-                record = {
-                    "phase": spec.phase,
-                    "step": step,
-                    "val_loss": val_loss,
-                    **{f"val_{k}": v for k, v in val_aux.items()},
-                }
-                result.history.append(record)
-                if main:
-                    log.write(record)
-                    print(f"\n[{spec.phase}] step {step}: val loss {val_loss:.4f}", flush=True)
-            if main and (step % spec.save_every == 0 or step == spec.steps or stop):
-                ckpt.save_checkpoint(
-                    run_dir,
-                    spec.phase,
-                    step,
-                    adapter_weights(),
-                    optimizer,
-                    {"data": data_state(), "loss": step_loss},
-                )
+            if main and (book.due(step, spec.save_every) or stop):
+                record = {"data": data_state(), "loss": step_loss}
+                ckpt.save_checkpoint(run_dir, spec.phase, step, adapter_weights(), optimizer, record)
             if stop:
-                if main:
-                    print(f"\n[{spec.phase}] interrupted: checkpoint written at step {step}; continue with --resume")
-                result.interrupted = True
+                book.interrupted(step)
                 break
-    if main:
-        print()
-    return result
+    return book.finished()

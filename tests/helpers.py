@@ -1,5 +1,5 @@
-"""Shared fixtures for the loop, DPO and resume tests: a tiny random llama saved as a Hugging Face folder
-with a word-level ChatML tokenizer, tiny SFT and preference jsonl files, and configs that train in seconds."""
+"""Shared fixtures: a tiny random llama (also saved as a Hugging Face folder) with a word-level ChatML tokenizer,
+tiny SFT and preference jsonl files, configs that train in seconds, and a one-call train_loop."""
 
 from __future__ import annotations
 
@@ -13,12 +13,14 @@ from mlx_lm.models import llama
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from forge_mlx.adapters import adapter_weights
 from forge_mlx.config import Config, load_config
 from forge_mlx.data.jsonl import load_split
 from forge_mlx.data.sft import encode_sft_split
 from forge_mlx.metrics_log import read_metrics
 from forge_mlx.models import load_model
 from forge_mlx.pipeline import adapt
+from forge_mlx.train import LoopResult, LoopSpec, train_loop
 
 CHATML = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
@@ -65,9 +67,10 @@ ANSWERS = [
 WRONG = ["bye bad", "green", "dog dog fish", "why", "how moon", "four", "cat sun", "two"]
 
 
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """Word-level: every word and every newline is one token (as in test_data_encode)."""
-    vocab = {w: i for i, w in enumerate(["[UNK]", "\n", *WORDS])}
+def tiny_tokenizer(words: list[str] = WORDS, chat_template: str | None = CHATML) -> PreTrainedTokenizerFast:
+    """Word-level: every word and every newline is one token, so spans can be counted by hand ([UNK] is 0, the
+    newline 1, the words from 2, then the three specials)."""
+    vocab = {w: i for i, w in enumerate(["[UNK]", "\n", *words])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\n|[^\s]+"), behavior="removed", invert=True)
     tok.add_special_tokens(["<|im_start|>", "<|im_end|>", "<|pad|>"])
@@ -76,13 +79,14 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
         eos_token="<|im_end|>",
         pad_token="<|pad|>",
         unk_token="[UNK]",
-        chat_template=CHATML,
+        chat_template=chat_template,
     )
 
 
-def tiny_llama(seed: int = 0) -> llama.Model:
+def tiny_llama(seed: int = 0, **changes) -> llama.Model:
+    """A random llama of MODEL_ARGS with `changes` (e.g. hidden_size, vocab_size), its parameters evaluated."""
     mx.random.seed(seed)
-    model = llama.Model(llama.ModelArgs(**MODEL_ARGS))
+    model = llama.Model(llama.ModelArgs(**{**MODEL_ARGS, **changes}))
     mx.eval(model.parameters())
     return model
 
@@ -219,3 +223,29 @@ def pad_rows(examples: list, pad_id: int, length: int | None = None) -> tuple[np
     for i, (t, m) in enumerate(examples):
         tokens[i, : len(t)], mask[i, : len(m)] = t, m
     return tokens, mask
+
+
+def run_loop(model, optimizer, loss_fn, batches, run_dir: Path, **spec) -> LoopResult:
+    """train_loop into a new `run_dir` with a test LoopSpec (SFT, one step, a report and a checkpoint every step,
+    no clipping, no validation); `spec` changes its fields."""
+    Path(run_dir).mkdir()
+    fields = dict(
+        steps=1,
+        grad_accum=1,
+        max_grad_norm=0.0,
+        steps_per_report=1,
+        steps_per_eval=1000,
+        save_every=1,
+        max_bad_steps=1,
+        val_batches=0,
+    )
+    return train_loop(
+        model,
+        optimizer,
+        loss_fn,
+        batches,
+        LoopSpec("sft", **{**fields, **spec}),
+        run_dir,
+        adapter_weights=lambda: adapter_weights(model),
+        data_state=dict,
+    )

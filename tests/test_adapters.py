@@ -2,12 +2,13 @@
 
 from pathlib import Path
 
+import helpers
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
-from mlx_lm.models.llama import Model, ModelArgs
+from mlx_lm.models.llama import Model
 
 from forge_mlx.adapters import (
     PiSSALinear,
@@ -20,16 +21,6 @@ from forge_mlx.adapters import (
 from forge_mlx.errors import ForgeError
 from forge_mlx.quant import dequantize_residual
 
-ARGS = dict(
-    model_type="llama",
-    hidden_size=64,
-    num_hidden_layers=2,
-    intermediate_size=128,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    rms_norm_eps=1e-5,
-    vocab_size=128,
-)
 SMOLLM2 = Path("/work/main/models/SmolLM2-135M-Instruct")
 TOKENS = mx.array([[3, 17, 42, 99, 5, 64, 1, 2]])
 # (in, out) per target, by hand: head_dim = 64 / 4 = 16, so k/v project to 2 kv heads * 16 = 32.
@@ -45,10 +36,7 @@ SHAPES = {
 
 
 def tiny_llama(seed: int = 0) -> Model:
-    mx.random.seed(seed)
-    model = Model(ModelArgs(**ARGS))
-    mx.eval(model.parameters())
-    return model
+    return helpers.tiny_llama(seed, vocab_size=128, tie_word_embeddings=True)
 
 
 def rel(a: mx.array, b: mx.array) -> float:

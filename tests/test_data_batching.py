@@ -182,19 +182,10 @@ def test_block_causal_mask_matches_a_loop():
 def test_packed_row_with_block_mask_matches_separate_forwards_in_mlx_llama():
     """mlx_lm's llama Model.__call__ takes no mask, but its layers do: the loop runs them with this mask."""
     mx = pytest.importorskip("mlx.core")
-    llama = pytest.importorskip("mlx_lm.models.llama")
-    mx.random.seed(0)
-    args = llama.ModelArgs(
-        model_type="llama",
-        hidden_size=32,
-        num_hidden_layers=2,
-        intermediate_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        rms_norm_eps=1e-5,
-        vocab_size=64,
-    )
-    model = llama.Model(args)
+    pytest.importorskip("mlx_lm")
+    from helpers import tiny_llama
+
+    model = tiny_llama(0, hidden_size=32, intermediate_size=64, vocab_size=64, tie_word_embeddings=True)
     a, b = [3, 9, 4, 17, 22], [5, 8, 61, 2, 40, 11, 7]
     (packed, _, packed_segments), ids = pack_examples([(a, [True] * 5), (b, [True] * 7)], 16)[0]
     assert ids == (1, 0)  # best-fit-decreasing puts the longer example first

@@ -2,36 +2,19 @@
 
 from pathlib import Path
 
+import helpers
 import pytest
-from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from forge_mlx.data import Dataset, encode_preference, encode_preference_split, encode_sft, encode_sft_split
 from forge_mlx.data.jsonl import validate_row
 from forge_mlx.errors import ForgeError
 
-CHATML = (
-    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 WORDS = "user assistant system tool you are kind hello there how fine thanks bye good bad why".split()
 SMOL = Path("/work/main/models/SmolLM2-135M-Instruct")
 
 
-def tiny_tokenizer(chat_template=CHATML):
-    """Word-level: every word and every newline is one token, so spans can be counted by hand."""
-    vocab = {w: i for i, w in enumerate(["[UNK]", "\n", *WORDS])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\n|[^\s]+"), behavior="removed", invert=True)
-    tok.add_special_tokens(["<|im_start|>", "<|im_end|>", "<|pad|>"])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token="<|im_end|>",
-        pad_token="<|pad|>",
-        unk_token="[UNK]",
-        chat_template=chat_template,
-    )
+def tiny_tokenizer(chat_template: str | None = helpers.CHATML):
+    return helpers.tiny_tokenizer(WORDS, chat_template)
 
 
 def spell(tokenizer, example):
@@ -113,7 +96,7 @@ def test_template_exceptions_and_unstable_templates_are_located_errors():
     with pytest.raises(ForgeError, match=r"data\.jsonl:7: field 'messages': .*roles must alternate"):
         encode_sft(THREE_TURNS, tiny_tokenizer(strict))
     # renders the final message differently, like templates that drop reasoning from earlier turns
-    shifty = CHATML.replace("m['content']", "m['content'] + (' why' if loop.last else '')")
+    shifty = helpers.CHATML.replace("m['content']", "m['content'] + (' why' if loop.last else '')")
     with pytest.raises(ForgeError, match=r"data\.jsonl:7: field 'messages': .*supervise: last_assistant"):
         encode_sft(THREE_TURNS, tiny_tokenizer(shifty))
 

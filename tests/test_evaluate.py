@@ -4,13 +4,12 @@ import json
 import math
 from pathlib import Path
 
+import helpers
 import mlx.core as mx
 import numpy as np
 import pytest
 from mlx_lm.models import llama
 from mlx_lm.tokenizer_utils import TokenizerWrapper
-from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from forge_mlx.config import Config, save_config
 from forge_mlx.data import Dataset, PreferencePair, encode_sft
@@ -35,47 +34,18 @@ from forge_mlx.evaluate.suite import EvalOptions, candidates, chosen_measures, c
 
 VOCAB = 97
 SMOL = Path("/work/main/models/SmolLM2-135M-Instruct")
-CHATML = (
-    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 WORDS = "user assistant system answer what is one two three four red blue sky grass paris rome".split()
 
 
 def tiny_llama(seed: int = 0) -> llama.Model:
-    args = llama.ModelArgs(
-        model_type="llama",
-        hidden_size=32,
-        num_hidden_layers=2,
-        intermediate_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        rms_norm_eps=1e-5,
-        vocab_size=VOCAB,
-        tie_word_embeddings=False,
-    )
-    mx.random.seed(seed)
-    model = llama.Model(args)
-    mx.eval(model.parameters())
+    model = helpers.tiny_llama(seed, hidden_size=32, intermediate_size=64, vocab_size=VOCAB)
     model.eval()
     return model
 
 
 def tiny_tokenizer() -> TokenizerWrapper:
     """Word-level ChatML tokenizer (ids < 25 < VOCAB), wrapped as mlx-lm loads tokenizers."""
-    vocab = {w: i for i, w in enumerate(["[UNK]", "\n", *WORDS])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\n|[^\s]+"), behavior="removed", invert=True)
-    tok.add_special_tokens(["<|im_start|>", "<|im_end|>", "<|pad|>"])
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token="<|im_end|>",
-        pad_token="<|pad|>",
-        unk_token="[UNK]",
-        chat_template=CHATML,
-    )
-    return TokenizerWrapper(fast)
+    return TokenizerWrapper(helpers.tiny_tokenizer(WORDS))
 
 
 def dataset(rows: list[dict]) -> Dataset:

@@ -2,6 +2,7 @@
 
 import math
 
+import helpers
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -16,21 +17,7 @@ VOCAB, B, T = 97, 3, 12
 
 
 def tiny_llama(tied: bool) -> llama.Model:
-    args = llama.ModelArgs(
-        model_type="llama",
-        hidden_size=32,
-        num_hidden_layers=2,
-        intermediate_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        rms_norm_eps=1e-5,
-        vocab_size=VOCAB,
-        tie_word_embeddings=tied,
-    )
-    mx.random.seed(0)
-    model = llama.Model(args)
-    mx.eval(model.parameters())
-    return model
+    return helpers.tiny_llama(0, hidden_size=32, intermediate_size=64, vocab_size=VOCAB, tie_word_embeddings=tied)
 
 
 def batch(seed: int = 0) -> tuple[mx.array, mx.array]:

@@ -24,7 +24,6 @@ from forge_mlx.errors import ForgeError
 from forge_mlx.losses import sft_loss
 from forge_mlx.metrics_log import read_metrics
 from forge_mlx.pipeline import make_optimizer, run_training, sft_arrays
-from forge_mlx.train import LoopSpec, train_loop
 
 # 12 steps of batch 2 over 8 examples (3 epochs, so the data position crosses epochs), warmup + cosine (the
 # optimizer's step count matters), dropout (the RNG matters), validation every 4 steps, checkpoints every 3.
@@ -246,29 +245,10 @@ def test_nonfinite_step_is_skipped_then_stops_with_the_last_good_checkpoint(tmp_
     start = adapter_weights(model)
 
     def loop(run_dir, order, steps):
-        run_dir.mkdir()
-        spec = LoopSpec(
-            "sft",
-            steps=steps,
-            grad_accum=2,
-            max_grad_norm=1.0,
-            steps_per_report=1,
-            steps_per_eval=1000,
-            save_every=1,
-            max_bad_steps=3,
-            val_batches=0,
-        )
         optimizer = make_optimizer(3e-3, 10, 0, 1.0, 0.0)  # the same schedule for both runs
-        return train_loop(
-            model,
-            optimizer,
-            scaled_loss if what == "loss" else grad_scaled_loss,
-            feed(order),
-            spec,
-            run_dir,
-            adapter_weights=lambda: adapter_weights(model),
-            data_state=dict,
-        )
+        loss_fn = scaled_loss if what == "loss" else grad_scaled_loss
+        spec = dict(steps=steps, grad_accum=2, max_grad_norm=1.0, max_bad_steps=3)
+        return helpers.run_loop(model, optimizer, loss_fn, feed(order), run_dir, **spec)
 
     with pytest.raises(ForgeError, match=f"3 non-finite steps in a row \\(last: {what}\\)"):
         loop(tmp_path / "bad", plan, 10)

@@ -19,7 +19,7 @@ from forge_mlx.data.sft import encode_sft_split
 from forge_mlx.losses import sft_loss
 from forge_mlx.pipeline import run_training, sft_loss_fn
 from forge_mlx.runs import load_run
-from forge_mlx.train import LoopSpec, checkpoint_blocks, make_step, train_loop
+from forge_mlx.train import checkpoint_blocks, make_step
 
 
 @pytest.fixture(scope="module")
@@ -162,27 +162,13 @@ def test_adapter_gradients_come_from_completion_tokens_only(loaded):
 
 def run_one_step(model, micro_batches, run_dir, lr: float) -> dict[str, np.ndarray]:
     """One SGD step of train_loop over the given micro-batches (grad_accum = their count)."""
-    run_dir.mkdir()
-    spec = LoopSpec(
-        "sft",
-        steps=1,
-        grad_accum=len(micro_batches),
-        max_grad_norm=0.0,
-        steps_per_report=1,
-        steps_per_eval=1,
-        save_every=1,
-        max_bad_steps=1,
-        val_batches=0,
-    )
-    train_loop(
+    helpers.run_loop(
         model,
         optim.SGD(learning_rate=lr),
         sft_loss_fn(None),
         iter(micro_batches),
-        spec,
         run_dir,
-        adapter_weights=lambda: adapter_weights(model),
-        data_state=dict,
+        grad_accum=len(micro_batches),
     )
     return {k: np.array(v) for k, v in adapter_weights(model).items()}
 

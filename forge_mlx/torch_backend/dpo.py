@@ -14,7 +14,7 @@ from forge_mlx import dpo_reference, phases
 from forge_mlx.config import Config
 from forge_mlx.run_files import real_rows
 from forge_mlx.torch_backend.losses import dpo_loss, sequence_logps
-from forge_mlx.torch_backend.pipeline import tensors, train_phase
+from forge_mlx.torch_backend.pipeline import tensors, train_backend
 
 
 def preference_tensors(batch, reference: dict[str, np.ndarray], device: torch.device):
@@ -47,4 +47,6 @@ def run_dpo(model, tokenizer, config: Config, run_dir: Path, resume: bool, devic
     reference, valid_reference = dpo_reference.phase_references(run_dir, dpo, config, score)
     arrays = partial(preference_tensors, reference=reference, device=device)
     val_arrays = partial(preference_tensors, reference=valid_reference, device=device)
-    return train_phase(model, dpo, dpo_loss_fn(config), arrays, val_arrays, config, run_dir, resume, device, log)
+    return phases.train_phase(
+        train_backend(model, device), model, dpo, dpo_loss_fn(config), arrays, val_arrays, config, run_dir, resume, log
+    )

@@ -15,7 +15,6 @@ from forge_mlx import phases, reporting
 from forge_mlx.adapter_import import check_layers, merged_weight, read_adapter
 from forge_mlx.config import Config
 from forge_mlx.errors import ForgeError
-from forge_mlx.loop_common import loop_spec
 from forge_mlx.metrics_log import plot_losses
 from forge_mlx.model_files import read_model_config, resolve_model_path
 from forge_mlx.phases import pad_id, sft_splits  # noqa: F401  (torch_backend.bench reads its data through here)
@@ -112,37 +111,21 @@ def sft_loss_fn(chunk_size: int | None):
     return phases.sft_loss_fn(sft_loss, chunk_size)
 
 
-def train_phase(
-    model, phase: phases.Phase, loss_fn, arrays, val_arrays, config: Config, run_dir, resume, device, log
-) -> dict:
-    """Train the adapters on a phase's batches (arrays(batch) -> (loss_fn's tensors, real tokens); val_arrays the
-    same for validation), from its newest checkpoint when resuming; returns the phase summary."""
-    t = config.train
-    val = phase.val_batches(t.val_batches, lambda b: val_arrays(b)[0])
-    optimizer = make_optimizer(model, phase.lr, phase.steps, phase.warmup_steps, t.min_lr_ratio, t.weight_decay)
-    start, data_state = resume_point(run_dir, phase.name, model, optimizer, device, log) if resume else (0, None)
-    stream = phase.resume(data_state)
-    result = train_loop(
-        model,
-        optimizer,
-        loss_fn,
-        (arrays(b) for b in stream),
-        loop_spec(phase.name, phase.steps, phase.grad_accum, config),
-        run_dir,
-        device,
-        data_state=stream.state,
-        val_batches=val,
-        start_step=start,
-        extra_report=phase.extra_report,
+def train_backend(model: nn.Module, device: torch.device) -> phases.TrainBackend:
+    """torch's optimizer over the model's adapters, checkpoint resume and loop on `device`, for
+    phases.train_phase."""
+    return phases.TrainBackend(
+        partial(make_optimizer, model), partial(resume_point, device=device), partial(train_loop, device=device)
     )
-    return phase.finish(run_dir, result)
 
 
 def run_sft(model, tokenizer, config: Config, run_dir: Path, resume: bool, device: torch.device, log=print) -> dict:
     sft = phases.sft_phase(config, tokenizer, log)
     loss_fn = sft_loss_fn(config.train.loss_chunk_size)
     arrays = partial(sft_tensors, device=device)
-    return train_phase(model, sft, loss_fn, arrays, arrays, config, run_dir, resume, device, log)
+    return phases.train_phase(
+        train_backend(model, device), model, sft, loss_fn, arrays, arrays, config, run_dir, resume, log
+    )
 
 
 def save_adapters(path: Path, model: nn.Module) -> None:

@@ -12,18 +12,7 @@ import torch
 from safetensors.numpy import load_file
 from torch import nn
 
-from forge_mlx.loop_common import (
-    Interrupt,
-    LoopResult,
-    LoopSpec,
-    add_to_window,
-    bad_step,
-    new_window,
-    progress,
-    report_record,
-    skip_step,
-)
-from forge_mlx.metrics_log import MetricsLog
+from forge_mlx.loop_common import Bookkeeping, Interrupt, LoopResult, LoopSpec, bad_step
 from forge_mlx.run_files import latest_good, list_checkpoints, save_numpy_arrays, verify, write_checkpoint
 from forge_mlx.schedule import lr_at
 from forge_mlx.torch_backend.adapters import adapter_weights, load_adapter_weights
@@ -203,8 +192,8 @@ def train_loop(
     batches: Batches,
     spec: LoopSpec,
     run_dir: Path,
-    device: torch.device,
     *,
+    device: torch.device,
     data_state: Callable[[], dict],
     val_batches: Callable[[], list[tuple]] | None = None,
     start_step: int = 0,
@@ -213,11 +202,7 @@ def train_loop(
     """Run `spec.steps` optimizer steps from `start_step`; each step is `grad_accum` micro-batches from
     `batches`, which yields (tensors for loss_fn, count of real tokens). Writes the MLX side's metrics and
     checkpoints."""
-    log = MetricsLog(Path(run_dir) / "metrics.jsonl")
-    memory_limit = device_memory_bytes(device) * spec.memory_alert
-    warned = False
-    result = LoopResult(start_step, float("nan"))
-    window, bad_in_row = new_window(), 0
+    book = Bookkeeping(spec, run_dir, start_step, device_memory_bytes(device), extra_report=extra_report)
     model.train()
     with Interrupt() as interrupt:
         step = start_step
@@ -228,65 +213,23 @@ def train_loop(
             what = bad_step(step_loss, total_weight, grads_finite(optimizer))
             if what:
                 zero_grads(optimizer)
-                bad_in_row += 1
-                skip_step(log, spec, step, step_loss, what, bad_in_row, run_dir)
+            if book.skipped(step, step_loss, what):
                 continue
-            bad_in_row = 0
             grad_norm = apply_update(optimizer, total_weight, spec.max_grad_norm)
             step += 1
-            result.steps_done, result.last_loss = step, step_loss
-            add_to_window(window, loss_sum, total_weight, tokens, time.perf_counter() - tic, aux_sum)
-            peak = peak_memory_bytes(device)
-            if memory_limit and peak > memory_limit and not warned:
-                warned = True
-                print(
-                    f"\nWARNING: peak memory {peak / 2**30:.2f} GB is over {spec.memory_alert:.0%} of the "
-                    f"device's {device_memory_bytes(device) / 2**30:.1f} GB: {spec.memory_hint}"
-                )
-            if step % spec.steps_per_report == 0 or step == spec.steps:
-                record = {
-                    **report_record(spec, step, optimizer.learning_rate, window, peak, grad_norm),
-                    **extra_report(),
-                }
-                log.write(record)
-                result.history.append(record)
-                progress(
-                    spec.phase,
-                    step,
-                    spec.steps,
-                    record["loss"],
-                    record["lr"],
-                    record["tokens_per_s"],
-                    peak / 2**30,
-                )
-                window = new_window()
-            if val_batches and spec.val_batches and (step % spec.steps_per_eval == 0 or step == spec.steps):
-                val_loss, val_aux = evaluate_loss(model, loss_fn, val_batches())
-                record = {
-                    "phase": spec.phase,
-                    "step": step,
-                    "val_loss": val_loss,
-                    **{f"val_{k}": v for k, v in val_aux.items()},
-                }
-                log.write(record)
-                result.history.append(record)
-                print(f"\n[{spec.phase}] step {step}: val loss {val_loss:.4f}", flush=True)
-            if step % spec.save_every == 0 or step == spec.steps or interrupt.hit:
-                save_checkpoint(
-                    run_dir,
-                    spec.phase,
-                    step,
-                    model,
-                    optimizer,
-                    device,
-                    {"data": data_state(), "loss": step_loss},
-                )
+            seconds = time.perf_counter() - tic
+            book.stepped(step, step_loss, loss_sum, total_weight, tokens, seconds, aux_sum, peak_memory_bytes(device))
+            if book.due(step, spec.steps_per_report):
+                book.report(step, optimizer.learning_rate, grad_norm)
+            if val_batches and spec.val_batches and book.due(step, spec.steps_per_eval):
+                book.validated(step, *evaluate_loss(model, loss_fn, val_batches()))
+            if book.due(step, spec.save_every) or interrupt.hit:
+                record = {"data": data_state(), "loss": step_loss}
+                save_checkpoint(run_dir, spec.phase, step, model, optimizer, device, record)
             if interrupt.hit:
-                print(f"\n[{spec.phase}] interrupted: checkpoint written at step {step}; continue with --resume")
-                result.interrupted = True
+                book.interrupted(step)
                 break
-    print()
-    return result
+    return book.finished()
 
 
 def make_optimizer(
@@ -297,7 +240,7 @@ def make_optimizer(
 
 
 def resume_point(
-    run_dir: Path, phase: str, model: nn.Module, optimizer: AdamW, device: torch.device, log=print
+    run_dir: Path, phase: str, model: nn.Module, optimizer: AdamW, log=print, *, device: torch.device
 ) -> tuple[int, dict | None]:
     """(step, data state) of the newest good checkpoint of `phase`, loaded into model and optimizer."""
     for path in list_checkpoints(run_dir, phase):
