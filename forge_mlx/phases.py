@@ -159,10 +159,25 @@ class Phase:
         return summary
 
 
+PISSA_LR_CEILING = 5e-5  # measured on SmolLM2 (README, "Learning rate"): 2e-4 diverged where 2e-5 and 5e-5 trained
+
+
+def pissa_lr_note(init: str, lr: float) -> str | None:
+    """A heads-up when PiSSA trains at a LoRA-sized lr: its adapters are the principal components themselves."""
+    if not init.startswith("pissa") or lr <= PISSA_LR_CEILING:
+        return None
+    return (
+        f"note: train.lr {lr:g} with PiSSA init; PiSSA usually wants 2e-5 to 5e-5 (the paper used 2e-5; on SmolLM2 "
+        "2e-4 raised the validation loss), so watch val_loss or lower train.lr"
+    )
+
+
 def sft_phase(config: Config, tokenizer, log=print) -> Phase:
     """The SFT phase: data.* splits in train.batch_size batches, steps and optimizer settings from train.*."""
     t = config.train
     train_set, valid_set = sft_splits(config, tokenizer, log)
+    if note := pissa_lr_note(config.adapter.init, t.lr):
+        log(note)
     pad = pad_id(tokenizer)
     stream = BatchStream(
         train_set.examples, t.batch_size, seed=config.seed, max_seq_length=config.data.max_seq_length, pad_id=pad

@@ -231,3 +231,10 @@ def test_reference_lists_every_key_once_with_help_and_its_default():
     assert [key for key, _, _ in rows] == list(flat)  # every key, once, in declaration order
     assert {key: default for key, default, _ in rows} == {key: repr(value) for key, value in flat.items()}
     assert all(help_text.strip() for _, _, help_text in rows)
+
+
+def test_pissa_at_a_lora_sized_lr_gets_a_note_and_lora_does_not():
+    from forge_mlx.phases import pissa_lr_note
+
+    assert "PiSSA usually wants 2e-5 to 5e-5" in pissa_lr_note("pissa_niter_4", 2e-4)
+    assert pissa_lr_note("pissa", 5e-5) is None and pissa_lr_note("lora", 2e-4) is None

@@ -275,3 +275,16 @@ def test_double_quant_matches_bitsandbytes_when_the_offset_is_exact():
     assert (np.abs(x[differ] - midpoint[differ]) < 2 / 65535).all()
     expected = json.loads(bytes(state.as_dict(packed=True)["quant_state.bitsandbytes__nf4"].numpy()))
     assert json.loads(to_bnb_tensors("m", t)["m.weight.quant_state.bitsandbytes__nf4"].tobytes()) == expected
+
+
+def test_nearest_codes_counts_midpoints_below_with_ties_to_the_lower_code():
+    """The comparison count must equal np.searchsorted(side='left') exactly, midpoints and their neighbours too."""
+    from forge_mlx.nf4_codebook import NF4_LEVELS, nearest_codes
+
+    code = np.array(NF4_LEVELS, np.float32)
+    mid = (code[:-1] + code[1:]) / np.float32(2)
+    values = np.concatenate(
+        [mid, np.nextafter(mid, np.float32(2)), np.nextafter(mid, np.float32(-2)), code, [-1.0, 1.0, 0.0]]
+    ).astype(np.float32)
+    values = np.concatenate([values, np.random.default_rng(5).uniform(-1, 1, 10_000).astype(np.float32)])
+    assert np.array_equal(nearest_codes(values, mid), np.searchsorted(mid, values, side="left"))
