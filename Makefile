@@ -49,7 +49,7 @@ demo: fast-blas $(VENV)/.base $(MODEL_DIR)/forge_import.json ## SFT -> DPO on Sm
 	$(BIN)/forge-mlx info $(MODEL_DIR) --config configs/demo.yaml
 	rm -rf runs/demo  # the demo starts fresh each time
 	$(BIN)/forge-mlx train configs/demo.yaml
-	$(BIN)/forge-mlx eval runs/demo --data data/sft --data data/dpo/valid.jsonl --split test
+	$(BIN)/forge-mlx eval runs/demo --data data/sft --data data/dpo/valid.jsonl --split test --with-init
 
 test: fast-blas $(VENV)/.dev $(MODEL_DIR)/forge_import.json ## Run the whole test suite (unit + SmolLM2 integration)
 	$(BIN)/pytest -q $(PYTEST_ARGS)

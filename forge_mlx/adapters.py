@@ -73,6 +73,7 @@ def build_adapter(
     init: str = "pissa",
     residual: str = "none",
     qpissa_iters: int = 1,
+    oversample: int = pissa.OVERSAMPLE,
     group_size: int = 64,
     bits: int = 4,
     blocksize: int = 64,
@@ -95,7 +96,7 @@ def build_adapter(
     quant = dict(group_size=group_size, bits=bits, blocksize=blocksize, double_quant=double_quant, dtype=dtype)
     round_trip = lambda w: quantize_dequantize(w, residual, name=name, **quant)
     lora_a, lora_b, residual_weight, scale, errors = adapter_factors(
-        pissa, weight, rank, alpha, init, residual, qpissa_iters, seed, name, round_trip
+        pissa, weight, rank, alpha, init, residual, qpissa_iters, oversample, seed, name, round_trip
     )
     base = make_residual(residual_weight, residual, bias=linear.get("bias"), name=name, **quant)
     return PiSSALinear(base, lora_a, lora_b, scale, dropout), errors

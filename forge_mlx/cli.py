@@ -129,6 +129,11 @@ def default_model(models_dir: str) -> None:
 @click.option("--adapter", metavar="RUN", help="With a base MODEL: also score this run's trained adapters.")
 @click.option("--compare", multiple=True, metavar="RUN_OR_MODEL", help="Another column; repeatable.")
 @click.option(
+    "--with-init",
+    is_flag=True,
+    help="Add the run's untrained PiSSA init (base + 4-bit residual): what quantization costs vs what training adds.",
+)
+@click.option(
     "--split",
     type=click.Choice(["train", "valid", "test"]),
     default="test",
@@ -160,6 +165,7 @@ def eval_command(
     data: tuple[str, ...],
     adapter: str | None,
     compare: tuple[str, ...],
+    with_init: bool,
     split: str,
     measures: str | None,
     extractor: str,
@@ -186,6 +192,7 @@ def eval_command(
         data,
         adapter=adapter,
         compare=compare,
+        with_init=with_init,
         options=options,
         out=out,
         log=lambda line: click.echo(line, err=True),

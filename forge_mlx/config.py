@@ -29,6 +29,7 @@ def _opt(default: Any, help: str, **checks: Any) -> Any:
 @dataclass
 class AdapterConfig:
     init: str = _opt("pissa", "pissa (full SVD), pissa_niter_N (randomized, N power iterations) or lora")
+    oversample: int = _opt(10, "extra sketch columns of the randomized SVD (pissa_niter_N); 0 = PEFT's", min=0)
     rank: int = _opt(64, "adapter rank r", min=1)
     alpha: float = _opt(
         128.0,

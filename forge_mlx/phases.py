@@ -48,6 +48,7 @@ def adapter_options(config: Config, log=print) -> dict:
         seed=config.seed,
         on_layer=progress,
         qpissa_iters=a.qpissa_iters,
+        oversample=a.oversample,
         dropout=a.dropout,
         **quant_options(a),
     )

@@ -11,7 +11,8 @@ from collections.abc import Callable
 
 import mlx.core as mx
 
-# Extra sketch columns for the randomized SVD; Halko et al. (2009, sec. 4.2) find p = 5..10 enough.
+# Extra sketch columns for the randomized SVD; Halko et al. (2009, sec. 4.2) find p = 5..10 enough. PEFT's
+# pissa_niter_N samples none (torch.svd_lowrank with q = r): adapter.oversample = 0.
 OVERSAMPLE = 10
 
 
@@ -58,17 +59,20 @@ def randomized_svd(
 
 
 def principal_svd(
-    w: mx.array, rank: int, niter: int | None = None, seed: int = 0
+    w: mx.array, rank: int, niter: int | None = None, seed: int = 0, oversample: int = OVERSAMPLE
 ) -> tuple[mx.array, mx.array, mx.array]:
-    """u_r (out, r), s_r (r,), vt_r (r, in): exact if niter is None, else randomized with niter iterations."""
+    """u_r (out, r), s_r (r,), vt_r (r, in): exact if niter is None, else randomized with niter iterations and
+    rank + oversample sketch columns."""
     if niter is not None:
-        return randomized_svd(w, rank, niter, seed)
+        return randomized_svd(w, rank, niter, seed, oversample)
     u, s, vt = thin_svd(w)
     return u[:, :rank], s[:rank], vt[:rank]
 
 
-def _principal_factors(w: mx.array, rank: int, scale: float, niter: int | None, seed: int) -> tuple[mx.array, mx.array]:
-    u, s, vt = principal_svd(w, rank, niter, seed)
+def _principal_factors(
+    w: mx.array, rank: int, scale: float, niter: int | None, seed: int, oversample: int
+) -> tuple[mx.array, mx.array]:
+    u, s, vt = principal_svd(w, rank, niter, seed, oversample)
     sqrt_s = mx.sqrt(s / scale)  # (r,): dividing by scale makes scale * a @ b the rank-r part for any alpha
     return (sqrt_s[:, None] * vt).T, (u * sqrt_s).T  # lora_a (in, r), lora_b (r, out)
 
@@ -79,11 +83,11 @@ def _residual(w: mx.array, lora_a: mx.array, lora_b: mx.array, scale: float) -> 
 
 
 def pissa_factors(
-    w: mx.array, rank: int, scale: float, niter: int | None = None, seed: int = 0
+    w: mx.array, rank: int, scale: float, niter: int | None = None, seed: int = 0, oversample: int = OVERSAMPLE
 ) -> tuple[mx.array, mx.array, mx.array]:
     """lora_a (in, r), lora_b (r, out), residual (out, in); residual + scale * (lora_a @ lora_b).T = w."""
     w = w.astype(mx.float32)
-    lora_a, lora_b = _principal_factors(w, rank, scale, niter, seed)
+    lora_a, lora_b = _principal_factors(w, rank, scale, niter, seed, oversample)
     return lora_a, lora_b, _residual(w, lora_a, lora_b, scale)
 
 
@@ -102,6 +106,7 @@ def qpissa(
     iters: int,
     niter: int | None = None,
     seed: int = 0,
+    oversample: int = OVERSAMPLE,
 ) -> tuple[mx.array, mx.array, mx.array, list[float]]:
     """Multi-iteration QPiSSA (PiSSA paper, appendix E): refit the factors to what quantizing W_res loses.
 
@@ -116,7 +121,7 @@ def qpissa(
     best = ()
     errors: list[float] = []
     for _ in range(iters):
-        lora_a, lora_b = _principal_factors(w - quantized, rank, scale, niter, seed)
+        lora_a, lora_b = _principal_factors(w - quantized, rank, scale, niter, seed, oversample)
         residual = _residual(w, lora_a, lora_b, scale)
         quantized = quantize_dequantize(residual).astype(mx.float32)
         errors.append((mx.linalg.norm(residual - quantized) / norm).item())  # W - Q(W_res) - scale * a @ b

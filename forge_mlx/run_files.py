@@ -221,6 +221,7 @@ def adapter_metadata(config: Config, report: dict, model_config: dict) -> dict:
         "base_model": config.model,
         "model_type": model_config.get("model_type"),
         "init": a.init,
+        "oversample": a.oversample,
         "rank": a.rank,
         "alpha": a.alpha,
         "scale": a.alpha / a.rank,

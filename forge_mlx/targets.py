@@ -32,7 +32,7 @@ def init_niter(init: str) -> int | None:
 
 
 def check_adapter_options(
-    shape: tuple[int, int], rank: int, alpha: float, init: str, residual: str, iters: int, name: str
+    shape: tuple[int, int], rank: int, alpha: float, init: str, residual: str, iters: int, oversample: int, name: str
 ) -> None:
     """Reject an adapter that cannot be built, naming the layer."""
     where = name or None
@@ -50,6 +50,8 @@ def check_adapter_options(
         raise ForgeError(f"alpha must be positive, got {alpha}", where=where)
     if iters < 1:
         raise ForgeError(f"qpissa_iters must be at least 1, got {iters}", where=where)
+    if oversample < 0:
+        raise ForgeError(f"oversample must be at least 0, got {oversample}", where=where)
 
 
 def adapter_factors(
@@ -60,22 +62,26 @@ def adapter_factors(
     init: str,
     residual: str,
     qpissa_iters: int,
+    oversample: int,
     seed: int,
     name: str,
     round_trip: Callable[[Any], Any],
 ) -> tuple[Any, Any, Any, float, list[float]]:
     """(lora_a, lora_b, residual weight, scale, QPiSSA errors) for weight (out, in) fp32: LoRA, PiSSA, or QPiSSA
-    fitted to round_trip's quantization error. `factors` is a backend's pissa module; alpha defaults to 2 * rank."""
+    fitted to round_trip's quantization error. `factors` is a backend's pissa module; alpha defaults to 2 * rank;
+    oversample is the randomized SVD's extra sketch columns (pissa_niter_N only)."""
     out_dims, in_dims = weight.shape
     alpha = 2.0 * rank if alpha is None else alpha
-    check_adapter_options((out_dims, in_dims), rank, alpha, init, residual, qpissa_iters, name)
+    check_adapter_options((out_dims, in_dims), rank, alpha, init, residual, qpissa_iters, oversample, name)
     scale = alpha / rank
     if init == "lora":
         return (*factors.lora_factors(in_dims, out_dims, rank, seed), weight, scale, [])
     niter = init_niter(init)
     if residual == "none":
-        return (*factors.pissa_factors(weight, rank, scale, niter, seed), scale, [])
-    lora_a, lora_b, residual_weight, errors = factors.qpissa(weight, rank, scale, round_trip, qpissa_iters, niter, seed)
+        return (*factors.pissa_factors(weight, rank, scale, niter, seed, oversample), scale, [])
+    lora_a, lora_b, residual_weight, errors = factors.qpissa(
+        weight, rank, scale, round_trip, qpissa_iters, niter, seed, oversample
+    )
     return lora_a, lora_b, residual_weight, scale, errors
 
 

@@ -287,6 +287,41 @@ def test_columns_for_a_run_a_model_with_adapters_and_comparisons(tmp_path):
         candidates("org/else", adapter=str(run))
     with pytest.raises(ForgeError, match="--adapter goes with a base model"):
         candidates(str(run), adapter=str(run))
+    assert [(c.label, c.run, c.adapters) for c in candidates(str(run), with_init=True)] == [
+        ("base", None, "trained"),
+        ("init", str(run), "init"),
+        ("tuned", str(run), "trained"),
+    ]
+    assert [c.label for c in candidates("org/base", adapter=str(run), with_init=True)] == ["base", "init", "tuned"]
+    with pytest.raises(ForgeError, match="--with-init needs a run"):
+        candidates("org/base", with_init=True)
+
+
+@pytest.mark.parametrize("residual", ["none", "nf4"])
+def test_the_init_column_is_the_base_up_to_the_residuals_quantization(tmp_path, residual):
+    """PiSSA init reconstructs W exactly (fp32 round-off), so with residual none the init column scores as the
+    base; over NF4 it carries the quantization error alone; training then moves the tuned column."""
+    import helpers
+
+    from forge_mlx.pipeline import run_training
+
+    config = helpers.tiny_config(tmp_path, "run", f"adapter.residual={residual}", "train.steps=20")
+    run_training(config, log=helpers.quiet)
+    report, _ = suite.run_eval(
+        config.output_dir,
+        (str(tmp_path / "sft"),),
+        with_init=True,
+        options=EvalOptions(measures=("loss",), split="train"),
+        out=tmp_path / "report.json",
+        log=lambda *a: None,
+    )
+    loss = report["measures"]["loss"]
+    assert list(loss) == ["base", "init", "tuned"]
+    if residual == "none":  # the same function up to fp32 round-off in W_res + scale * A B (losses ~4)
+        assert loss["init"] == pytest.approx(loss["base"], abs=1e-4)
+    else:  # the 4-bit residual moves it, by less than training does
+        assert abs(loss["init"] - loss["base"]) > 1e-4
+    assert loss["base"] - loss["tuned"] > 10 * abs(loss["init"] - loss["base"])
 
 
 def test_measures_follow_the_data_given():

@@ -176,6 +176,24 @@ def test_adamw_clipping_and_schedule_match_mlx():
         np.testing.assert_allclose(state[key], np.array(value), rtol=1e-5, atol=1e-7)
 
 
+def test_a_nonfinite_gradient_is_seen_and_skipping_leaves_weights_and_state_alone():
+    """The torch loop's check before AdamW: any NaN/inf entry in any accumulated gradient vetoes the update."""
+    import torch
+
+    from forge_mlx.torch_backend.train import AdamW, grads_finite, zero_grads
+
+    params = {"a": torch.nn.Parameter(torch.ones(3)), "b": torch.nn.Parameter(torch.ones(2))}
+    optimizer = AdamW(params, lr=lambda step: 1e-2)
+    assert grads_finite(optimizer)  # no gradient yet: nothing to veto
+    params["a"].grad, params["b"].grad = torch.ones(3), torch.tensor([1.0, float("nan")])
+    assert not grads_finite(optimizer)
+    params["b"].grad = torch.tensor([float("inf"), 0.0])
+    assert not grads_finite(optimizer)
+    zero_grads(optimizer)  # what the loop does on a skip: no step taken, the next step starts clean
+    assert grads_finite(optimizer) and optimizer.step == 0
+    assert all(torch.equal(p, torch.ones_like(p)) for p in params.values())
+
+
 def test_device_selection(monkeypatch):
     monkeypatch.setenv(DEVICE_ENV, "cpu")
     assert pick_device() == torch.device("cpu")

@@ -1,7 +1,8 @@
 """PiSSA init time (forge-mlx vs PEFT, same weights, same run) and the quantization error of QPiSSA vs direct 4-bit.
 
-Run: python tools/bench_init.py [--quick] [--full-big]. Prints tables, writes bench_results/bench_init-*.json.
-Timings are interleaved (forge, PEFT, forge, PEFT, ...) and reported as medians with the ratio forge / PEFT.
+Run: python tools/bench_init.py [--quick] [--full-big] [--oversample 0 10]. Prints tables, writes
+bench_results/bench_init-*.json. Timings are interleaved (forge, PEFT, forge, PEFT, ...) and reported as medians with
+the ratio forge / PEFT; each --oversample value is one more forge candidate in the same rounds (PEFT samples none).
 """
 
 from __future__ import annotations
@@ -51,29 +52,50 @@ def _torch():
     return torch, LoraConfig, get_peft_model, LoraLinear
 
 
-def _row(case: str, init: str, times: dict[str, list[float]]) -> dict:
-    forge_s, peft_s = median(times["forge"]), median(times["peft"])
-    return {
-        "case": case,
-        "init": init,
-        "forge_s": forge_s,
-        "peft_s": peft_s,
-        "ratio": ratio(forge_s, peft_s),
-        "runs": times,
-    }
+def _forge_runs(init: str, oversamples: list[int]) -> dict[str, int]:
+    """forge candidate name -> oversample; the exact SVD gets one candidate (oversampling plays no part in it)."""
+    if init.startswith("pissa_niter_"):
+        return {f"forge p={p}": p for p in oversamples}
+    return {"forge": oversamples[0]}
 
 
-def whole_model(rank: int, reps: int, inits: tuple[str, ...] = METHODS, log=print) -> list[dict]:
+def _candidates(init: str, oversamples: list[int], forge, peft) -> dict:
+    """forge(init, oversample) per forge candidate, then peft(init): one interleaved round runs them all."""
+    forges = {name: lambda p=p: forge(init, p) for name, p in _forge_runs(init, oversamples).items()}
+    return {**forges, "peft": lambda: peft(init)}
+
+
+def _rows(case: str, init: str, oversamples: list[int], times: dict[str, list[float]]) -> list[dict]:
+    """One row per forge candidate, each against the PEFT times of the same rounds."""
+    peft_s, rows = median(times["peft"]), []
+    for name, p in _forge_runs(init, oversamples).items():
+        forge_s, randomized = median(times[name]), name != "forge"
+        rows.append(
+            {
+                "case": case,
+                "init": f"{init}, p={p}" if randomized else init,
+                "oversample": p if randomized else None,
+                "forge_s": forge_s,
+                "peft_s": peft_s,
+                "ratio": ratio(forge_s, peft_s),
+                "runs": times,
+            }
+        )
+    return rows
+
+
+def whole_model(
+    rank: int, reps: int, oversamples: list[int], inits: tuple[str, ...] = METHODS, log=print
+) -> list[dict]:
     """All-linear adapters on every block of SmolLM2: forge apply_adapters vs PEFT get_peft_model (model load
     excluded from both; the model is reloaded before each timing because both rewrite it in place)."""
     torch, LoraConfig, get_peft_model, _ = _torch()
     from transformers import LlamaForCausalLM
 
-    def forge(init: str) -> float:
+    def forge(init: str, oversample: int) -> float:
         model, _, _ = load_model(str(SMOLLM), "float32")
-        return timed(
-            lambda: apply_adapters(model, targets="all-linear", rank=rank, alpha=2.0 * rank, init=init, residual="none")
-        )
+        options = dict(alpha=2.0 * rank, init=init, residual="none", oversample=oversample)
+        return timed(lambda: apply_adapters(model, targets="all-linear", rank=rank, **options))
 
     def peft(init: str) -> float:
         model = LlamaForCausalLM.from_pretrained(SMOLLM, dtype=torch.float32)
@@ -83,13 +105,19 @@ def whole_model(rank: int, reps: int, inits: tuple[str, ...] = METHODS, log=prin
     rows = []
     for init in inits:
         log(f"whole model, all-linear r={rank}, {init}")
-        times = interleaved({"forge": lambda i=init: forge(i), "peft": lambda i=init: peft(i)}, reps, log)
-        rows.append(_row(f"SmolLM2 210 layers r={rank}", init, times))
+        times = interleaved(_candidates(init, oversamples, forge, peft), reps, log)
+        rows += _rows(f"SmolLM2 210 layers r={rank}", init, oversamples, times)
     return rows
 
 
 def block(
-    weights: dict[str, np.ndarray], case: str, rank: int, inits: tuple[str, ...], reps: int, log=print
+    weights: dict[str, np.ndarray],
+    case: str,
+    rank: int,
+    inits: tuple[str, ...],
+    reps: int,
+    oversamples: list[int],
+    log=print,
 ) -> list[dict]:
     """The layers of one block: forge build_adapter vs PEFT's lora.Linear (which runs pissa_init) per target."""
     torch, LoraConfig, _, LoraLinear = _torch()
@@ -102,9 +130,11 @@ def block(
         torch_linears[name].weight.data = torch.from_numpy(w)
     mx.eval([m.parameters() for m in mx_linears.values()])
 
-    def forge(init: str) -> float:
+    def forge(init: str, oversample: int) -> float:
+        options = dict(init=init, residual="none", oversample=oversample)
+
         def run():
-            return [build_adapter(lin, rank, 2.0 * rank, init=init, residual="none")[0] for lin in mx_linears.values()]
+            return [build_adapter(lin, rank, 2.0 * rank, **options)[0] for lin in mx_linears.values()]
 
         return timed(run, lambda adapters: mx.eval([a.parameters() for a in adapters]))
 
@@ -118,30 +148,32 @@ def block(
     rows = []
     for init in inits:
         log(f"{case}, r={rank}, {init}")
-        times = interleaved({"forge": lambda i=init: forge(i), "peft": lambda i=init: peft(i)}, reps, log)
-        rows.append(_row(case, init, times))
+        times = interleaved(_candidates(init, oversamples, forge, peft), reps, log)
+        rows += _rows(case, init, oversamples, times)
     return rows
 
 
-def single_svd(shape: tuple[int, int], rank: int, niter: int, reps: int, seed: int = 0, log=print) -> dict:
+def single_svd(
+    shape: tuple[int, int], rank: int, niter: int | None, reps: int, oversamples: list[int], seed: int = 0, log=print
+) -> list[dict]:
     """The truncated SVD alone on a random matrix: forge principal_svd vs torch.svd_lowrank (PEFT's call, q=r)."""
     torch = _torch()[0]
     w = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32) * 0.02
     w_mx, w_torch = mx.array(w), torch.from_numpy(w)
     mx.eval(w_mx)
-    if niter is None:
-        candidates = {
-            "forge": lambda: timed(lambda: principal_svd(w_mx, rank), mx.eval),
-            "peft": lambda: timed(lambda: torch.linalg.svd(w_torch, full_matrices=False)),
-        }
-    else:
-        candidates = {
-            "forge": lambda: timed(lambda: principal_svd(w_mx, rank, niter), mx.eval),
-            "peft": lambda: timed(lambda: torch.svd_lowrank(w_torch, rank, niter=niter)),
-        }
+
+    def forge(init: str, oversample: int) -> float:
+        return timed(lambda: principal_svd(w_mx, rank, niter, oversample=oversample), mx.eval)
+
+    def peft(init: str) -> float:
+        if niter is None:
+            return timed(lambda: torch.linalg.svd(w_torch, full_matrices=False))
+        return timed(lambda: torch.svd_lowrank(w_torch, rank, niter=niter))
+
     init = "pissa" if niter is None else f"pissa_niter_{niter}"
     log(f"{shape[0]}x{shape[1]} r={rank} {init}")
-    return _row(f"random {shape[0]}x{shape[1]} r={rank}", init, interleaved(candidates, reps, log))
+    times = interleaved(_candidates(init, oversamples, forge, peft), reps, log)
+    return _rows(f"random {shape[0]}x{shape[1]} r={rank}", init, oversamples, times)
 
 
 def random_block(seed: int = 0) -> dict[str, np.ndarray]:
@@ -182,7 +214,9 @@ def minilm_weights() -> tuple[dict[str, np.ndarray], Path]:
     return wanted, path
 
 
-def quant_errors(weights: dict[str, np.ndarray], ranks: list[int], iters: int, niter: int | None, log=print) -> dict:
+def quant_errors(
+    weights: dict[str, np.ndarray], ranks: list[int], iters: int, niter: int | None, oversample: int, log=print
+) -> dict:
     """Mean over layers of ||W - W_hat||_F / ||W||_F for direct NF4, direct affine g64 and QPiSSA-NF4 per rank.
 
     QPiSSA at 1 iteration is PiSSA + NF4(W_res); at `iters` it is the best of the alternations (qpissa's return).
@@ -206,7 +240,7 @@ def quant_errors(weights: dict[str, np.ndarray], ranks: list[int], iters: int, n
         affine = quantize_dequantize(w, "affine", group_size=64, bits=4)
         per_layer["affine_g64"].append((mx.linalg.norm(w - affine) / norm).item())
         for r in ranks:
-            lora_a, lora_b, residual, errors = qpissa(w, r, 2.0, nf4, iters, niter)
+            lora_a, lora_b, residual, errors = qpissa(w, r, 2.0, nf4, iters, niter, oversample=oversample)
             per_layer[f"qpissa_r{r}_iter1"].append(errors[0])
             per_layer[f"qpissa_r{r}_iter{iters}"].append(min(errors))
         w_hat = nf4(residual) + 2.0 * (lora_a @ lora_b).T  # the last (largest) rank's best iterate
@@ -233,11 +267,21 @@ def error_rows(model: str, errors: dict, ranks: list[int], iters: int) -> list[l
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="one round, no whole-model or 7B-block timing, 3 blocks")
-    p.add_argument("--reps", type=int, default=2, help="interleaved rounds per timing (median reported)")
+    p.add_argument(
+        "--quick", action="store_true", help="1 round unless --reps, no whole-model or 7B-block timing, 3 blocks"
+    )
+    p.add_argument("--reps", type=int, default=None, help="interleaved rounds per timing (median; 2, --quick 1)")
     p.add_argument("--full-big", action="store_true", help="also full SVD of the 4096x4096 matrix (~1 min each)")
     p.add_argument("--all-layers", action="store_true", help="quantization error over all 30 SmolLM2 blocks")
     p.add_argument("--niter", type=int, default=None, help="QPiSSA with randomized SVD (default: exact SVD)")
+    p.add_argument(
+        "--oversample",
+        type=int,
+        nargs="+",
+        default=[10],
+        help="forge's extra sketch columns for pissa_niter_N (PEFT: 0), each timed in the same rounds; "
+        "the error section uses the first",
+    )
     p.add_argument("--skip", nargs="*", default=[], choices=["model", "block", "svd", "error"])
     p.add_argument(
         "--threads",
@@ -250,22 +294,27 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    reps = 1 if args.quick else args.reps
+    reps = args.reps or (1 if args.quick else 2)
     info = machine()
     print(header("bench_init: PiSSA init time and QPiSSA quantization error", info))
-    results: dict = {"machine": info, "reps": reps}
+    over = args.oversample
+    if min(over) < 0:
+        raise SystemExit("--oversample values must be >= 0")
+    results: dict = {"machine": info, "reps": reps, "oversample": over}
     timing_rows = []
     if "model" not in args.skip and not args.quick:
-        timing_rows += whole_model(64, reps)
-        timing_rows += whole_model(16, reps, ("pissa_niter_4",))  # a full SVD costs the same at any rank
+        timing_rows += whole_model(64, reps, over)
+        timing_rows += whole_model(16, reps, over, ("pissa_niter_4",))  # a full SVD costs the same at any rank
     if "block" not in args.skip:
-        timing_rows += block(smollm_weights(ALL_LINEAR, [0]), "SmolLM2 block 0, 7 targets", 16, METHODS, reps)
+        timing_rows += block(smollm_weights(ALL_LINEAR, [0]), "SmolLM2 block 0, 7 targets", 16, METHODS, reps, over)
         if not args.quick:
-            timing_rows += block(random_block(), "7B-shaped block (random), 7 targets", 16, ("pissa_niter_4",), reps)
+            case = "7B-shaped block (random), 7 targets"
+            timing_rows += block(random_block(), case, 16, ("pissa_niter_4",), reps, over)
     if "svd" not in args.skip:
-        timing_rows += [single_svd(shape, 16, 4, reps) for shape in ((4096, 4096), (14336, 4096))]
+        for shape in ((4096, 4096), (14336, 4096)):
+            timing_rows += single_svd(shape, 16, 4, reps, over)
         if args.full_big:
-            timing_rows.append(single_svd((4096, 4096), 16, None, 1))
+            timing_rows += single_svd((4096, 4096), 16, None, 1, over)
     results["timings"] = timing_rows
     tables = []
     if timing_rows:
@@ -280,15 +329,15 @@ def main(argv: list[str] | None = None) -> dict:
         step = 1 if args.all_layers else (10 if args.quick else 3)
         blocks = list(range(0, 30, step))
         print(f"quantization error: SmolLM2 q_proj + down_proj of blocks {blocks}")
-        smol = quant_errors(smollm_weights(["q_proj", "down_proj"], blocks), ranks, iters, args.niter)
+        smol = quant_errors(smollm_weights(["q_proj", "down_proj"], blocks), ranks, iters, args.niter, over[0])
         print("quantization error: all-MiniLM-L6-v2 query + FFN output of all 6 layers")
         mini_weights, mini_path = minilm_weights()
-        mini = quant_errors(mini_weights, ranks, iters, args.niter)
+        mini = quant_errors(mini_weights, ranks, iters, args.niter, over[0])
         results["quant_error"] = {
             "smollm2": smol,
             "minilm": mini,
             "minilm_file": str(mini_path),
-            "svd": "exact" if args.niter is None else f"niter {args.niter}",
+            "svd": "exact" if args.niter is None else f"niter {args.niter}, oversample {over[0]}",
         }
         rows = error_rows("SmolLM2-135M", smol, ranks, iters) + error_rows("all-MiniLM-L6-v2", mini, ranks, iters)
         tables.append(table(["model", "method", "rank", "mean rel. error", "vs direct NF4"], rows, digits=4))

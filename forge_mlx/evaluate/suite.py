@@ -46,10 +46,15 @@ class Candidate:
     label: str
     model: str  # folder or hub id
     run: str | None = None  # run directory whose adapters are loaded (forge_mlx.runs.load_run)
+    adapters: str = "trained"  # or "init": the run's untrained PiSSA start over its (quantized) residual
 
     @property
     def description(self) -> str:
-        return f"{self.run} (trained adapters over {self.model})" if self.run else f"{self.model} (no adapters)"
+        if not self.run:
+            return f"{self.model} (no adapters)"
+        if self.adapters == "init":
+            return f"{self.run} (untrained PiSSA init over {self.model}: the residual's quantization alone)"
+        return f"{self.run} (trained adapters over {self.model})"
 
 
 @dataclass(frozen=True)
@@ -66,8 +71,12 @@ def is_run_dir(path: str | Path) -> bool:
     return (Path(path) / RESOLVED_CONFIG).is_file()
 
 
-def candidates(model_or_run: str, adapter: str | None = None, compare: tuple[str, ...] = ()) -> list[Candidate]:
-    """Columns: base first (the reference for DPO rewards), then the tuned run, then each --compare entry."""
+def candidates(
+    model_or_run: str, adapter: str | None = None, compare: tuple[str, ...] = (), with_init: bool = False
+) -> list[Candidate]:
+    """Columns: base first (the reference for DPO rewards), then (with_init) the run's untrained start, then the
+    tuned run, then each --compare entry. The init column separates what the 4-bit residual costs from what
+    training gains."""
     if is_run_dir(model_or_run):
         if adapter:
             raise ForgeError(
@@ -77,6 +86,8 @@ def candidates(model_or_run: str, adapter: str | None = None, compare: tuple[str
             )
         base = run_config(model_or_run).model
         columns = [Candidate("base", base), Candidate("tuned", base, model_or_run)]
+        if with_init:
+            columns.insert(1, Candidate("init", base, model_or_run, adapters="init"))
     else:
         columns = [Candidate("base", model_or_run)]
         if adapter:
@@ -87,7 +98,11 @@ def candidates(model_or_run: str, adapter: str | None = None, compare: tuple[str
                     where=adapter,
                     hint="PiSSA adapters fit only the base they were factored from",
                 )
+            if with_init:
+                columns.append(Candidate("init", trained_on, adapter, adapters="init"))
             columns.append(Candidate("tuned", trained_on, adapter))
+        elif with_init:
+            raise ForgeError("--with-init needs a run", hint="pass a run directory, or a model with --adapter RUN")
     for entry in compare:
         run = entry if is_run_dir(entry) else None
         label = _unique(Path(entry.rstrip("/")).name or entry, {c.label for c in columns})
@@ -110,7 +125,7 @@ def _unique(label: str, taken: set[str]) -> str:
 def load_candidate(candidate: Candidate, dtype: str, log=print) -> tuple[nn.Module, Any]:
     log(f"loading {candidate.label}: {candidate.description}")
     if candidate.run:
-        model, tokenizer, _, _ = load_run(candidate.run, dtype=dtype)
+        model, tokenizer, _, _ = load_run(candidate.run, dtype=dtype, adapters=candidate.adapters)
     else:
         model, tokenizer, _ = load_model(candidate.model, dtype)
     model.eval()
@@ -247,6 +262,7 @@ def run_eval(
     *,
     adapter: str | None = None,
     compare: tuple[str, ...] = (),
+    with_init: bool = False,
     options: EvalOptions = EvalOptions(),
     out: str | Path | None = None,
     log=print,
@@ -256,7 +272,7 @@ def run_eval(
 
     if options.extractor not in EXTRACTORS:
         raise ForgeError(f"unknown extractor '{options.extractor}'", hint=f"use one of {', '.join(EXTRACTORS)}")
-    columns = candidates(model_or_run, adapter, compare)
+    columns = candidates(model_or_run, adapter, compare, with_init)
     run = next((c.run for c in columns if c.run), None)
     encoding = run_config(run) if run else Config()  # a run is scored with the encoding it was trained with
     data = load_eval_data(data_sources, options.split, options.limit)

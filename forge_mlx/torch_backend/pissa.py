@@ -15,7 +15,8 @@ import torch
 
 from forge_mlx.torch_backend import mlx_random
 
-# Extra sketch columns for the randomized SVD; Halko et al. (2009, sec. 4.2) find p = 5..10 enough.
+# Extra sketch columns for the randomized SVD; Halko et al. (2009, sec. 4.2) find p = 5..10 enough. PEFT's
+# pissa_niter_N samples none (torch.svd_lowrank with q = r): adapter.oversample = 0.
 OVERSAMPLE = 10
 
 
@@ -53,19 +54,20 @@ def randomized_svd(
 
 
 def principal_svd(
-    w: torch.Tensor, rank: int, niter: int | None = None, seed: int = 0
+    w: torch.Tensor, rank: int, niter: int | None = None, seed: int = 0, oversample: int = OVERSAMPLE
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """u_r (out, r), s_r (r,), vt_r (r, in): exact if niter is None, else randomized with niter iterations."""
+    """u_r (out, r), s_r (r,), vt_r (r, in): exact if niter is None, else randomized with niter iterations and
+    rank + oversample sketch columns."""
     if niter is not None:
-        return randomized_svd(w, rank, niter, seed)
+        return randomized_svd(w, rank, niter, seed, oversample)
     u, s, vt = torch.linalg.svd(w, full_matrices=False)
     return u[:, :rank], s[:rank], vt[:rank]
 
 
 def _principal_factors(
-    w: torch.Tensor, rank: int, scale: float, niter: int | None, seed: int
+    w: torch.Tensor, rank: int, scale: float, niter: int | None, seed: int, oversample: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    u, s, vt = principal_svd(w, rank, niter, seed)
+    u, s, vt = principal_svd(w, rank, niter, seed, oversample)
     sqrt_s = torch.sqrt(s / scale)  # (r,): dividing by scale makes scale * a @ b the rank-r part for any alpha
     return (sqrt_s[:, None] * vt).T.contiguous(), (u * sqrt_s).T.contiguous()  # lora_a (in, r), lora_b (r, out)
 
@@ -76,11 +78,11 @@ def _residual(w: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale
 
 
 def pissa_factors(
-    w: torch.Tensor, rank: int, scale: float, niter: int | None = None, seed: int = 0
+    w: torch.Tensor, rank: int, scale: float, niter: int | None = None, seed: int = 0, oversample: int = OVERSAMPLE
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """lora_a (in, r), lora_b (r, out), residual (out, in); residual + scale * (lora_a @ lora_b).T = w."""
     w = w.detach().to("cpu", torch.float32)
-    lora_a, lora_b = _principal_factors(w, rank, scale, niter, seed)
+    lora_a, lora_b = _principal_factors(w, rank, scale, niter, seed, oversample)
     return lora_a, lora_b, _residual(w, lora_a, lora_b, scale)
 
 
@@ -100,6 +102,7 @@ def qpissa(
     iters: int,
     niter: int | None = None,
     seed: int = 0,
+    oversample: int = OVERSAMPLE,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[float]]:
     """Multi-iteration QPiSSA (PiSSA paper, appendix E): refit the factors to what quantizing W_res loses.
 
@@ -114,7 +117,7 @@ def qpissa(
     best = ()
     errors: list[float] = []
     for _ in range(iters):
-        lora_a, lora_b = _principal_factors(w - quantized, rank, scale, niter, seed)
+        lora_a, lora_b = _principal_factors(w - quantized, rank, scale, niter, seed, oversample)
         residual = _residual(w, lora_a, lora_b, scale)
         quantized = quantize_dequantize(residual).float()
         errors.append((torch.linalg.norm(residual - quantized) / norm).item())  # W - Q(W_res) - scale * a @ b
