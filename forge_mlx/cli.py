@@ -34,6 +34,7 @@ def cli(debug: bool) -> None:
 def train(config_file: str, overrides: tuple[str, ...], resume: bool) -> None:
     """Train adapters: SFT, then DPO when the config enables it."""
     from forge_mlx.config import load_config
+    from forge_mlx.reporting import exit_code
     from forge_mlx.torch_backend import uses_torch
 
     config = load_config(config_file, list(overrides))
@@ -42,7 +43,7 @@ def train(config_file: str, overrides: tuple[str, ...], resume: bool) -> None:
     else:
         from forge_mlx.pipeline import run_training
     summary = run_training(config, resume=resume)
-    if any(summary.get(phase, {}).get("interrupted") for phase in ("sft", "dpo")):
+    if exit_code(summary):
         click.echo(f"interrupted: the last checkpoint is kept; continue with --resume ({config.output_dir})", err=True)
         raise click.exceptions.Exit(130)  # the shell's code for Ctrl-C, so scripts see the run did not finish
 

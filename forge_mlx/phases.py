@@ -20,7 +20,8 @@ from forge_mlx.data.preference import encode_preference_split
 from forge_mlx.data.sft import EncodedSplit, encode_sft_split
 from forge_mlx.errors import ForgeError
 from forge_mlx.loop_common import LoopResult, loop_spec
-from forge_mlx.run_files import atomic_write_text, phase_steps
+from forge_mlx.metrics_log import drop_metrics_after
+from forge_mlx.run_files import atomic_write_text, latest_good, list_checkpoints, phase_steps, verify
 
 
 def quant_options(a: AdapterConfig) -> dict:
@@ -291,3 +292,15 @@ def dpo_loss_fn(
         return loss, n, {key: value * n for key, value in metrics.items()}
 
     return loss_fn
+
+
+def resume_checkpoint(run_dir: Path, phase: str, log=print, main: bool = True) -> tuple[Path | None, dict | None]:
+    """(folder, record) of the newest good checkpoint of `phase`, naming any corrupted newer one; rank 0 drops the
+    metrics records written after it (the resumed run writes those steps again)."""
+    for path in list_checkpoints(run_dir, phase):
+        if verify(path) is None:
+            log(f"  checkpoint {path.name} is incomplete or corrupted (checksum); using an earlier one")
+    path, record = latest_good(run_dir, phase)
+    if path is not None and main:
+        drop_metrics_after(Path(run_dir) / "metrics.jsonl", phase, record["step"])
+    return path, record

@@ -22,7 +22,7 @@ from forge_mlx.config import Config
 from forge_mlx.data.batching import shard
 from forge_mlx.errors import ForgeError
 from forge_mlx.losses import sft_loss
-from forge_mlx.metrics_log import drop_metrics_after, plot_losses
+from forge_mlx.metrics_log import plot_losses
 from forge_mlx.models import compute_dtype, load_model, on_gpu
 from forge_mlx.quant import cache_dequantized, dequantize_residual, make_residual
 from forge_mlx.run_files import (
@@ -132,15 +132,10 @@ def sft_loss_fn(chunk_size: int | None):
 
 def resume_point(run_dir: Path, phase: str, model, optimizer, log=print) -> tuple[int, dict | None]:
     """(step, data state) of the newest good checkpoint of `phase`, loaded into model and optimizer."""
-    bad = [p for p in ckpt.list_checkpoints(run_dir, phase) if ckpt.verify(p) is None]
-    for path in bad:
-        log(f"  checkpoint {path.name} is incomplete or corrupted (checksum); using an earlier one")
-    path, record = ckpt.latest_good(run_dir, phase)
+    path, record = phases.resume_checkpoint(run_dir, phase, log, dist.is_main())
     if path is None:
         return 0, None
     ckpt.load_into(path, model, optimizer)
-    if dist.is_main():
-        drop_metrics_after(Path(run_dir) / "metrics.jsonl", phase, record["step"])
     log(f"  resumed {phase} from {path.name} (step {record['step']})")
     return record["step"], record["data"]
 
@@ -187,8 +182,10 @@ def run_training(config: Config, resume: bool = False, log=print) -> dict:
     run_dir = Path(config.output_dir)
     if not dist.is_main():
         log = lambda *args: None  # noqa: E731  (rank 0 speaks for the group)
-    with reporting.session(config, run_dir, main=dist.is_main()):
-        return train_run(config, run_dir, resume, log)
+    with reporting.session(config, run_dir, main=dist.is_main()) as outcome:
+        summary = train_run(config, run_dir, resume, log)
+        outcome.exit_code = reporting.exit_code(summary)
+    return summary
 
 
 def train_run(config: Config, run_dir: Path, resume: bool, log=print) -> dict:

@@ -8,9 +8,11 @@ same W&B run. Offline use: WANDB_MODE=offline.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +39,30 @@ def wandb_payload(record: dict) -> dict[str, float]:
     }
 
 
+@dataclass
+class Outcome:
+    """How the run ended, for the service's run state: 0 finished, 130 interrupted (resumable), 1 failed."""
+
+    exit_code: int = 0
+
+
+def exit_code(summary: dict) -> int:
+    """130 when a phase stopped on Ctrl-C / SIGTERM with a checkpoint (the CLI exits with it too), else 0."""
+    return 130 if any(summary.get(phase, {}).get("interrupted") for phase in ("sft", "dpo")) else 0
+
+
 @contextmanager
-def session(config: Any, run_dir: Path, *, main: bool = True) -> Iterator[None]:
+def session(config: Any, run_dir: Path, *, main: bool = True) -> Iterator[Outcome]:
     """Mirror metrics records to the configured service for the duration of a run; a no-op when report_to is
-    none or on a data-parallel rank other than 0."""
-    if config.train.report_to == "none" or not main:
-        yield
+    none or on a data-parallel rank other than 0. The caller sets `outcome.exit_code = 130` for an interrupted
+    run; an exception marks the W&B run failed (130 for KeyboardInterrupt) and propagates."""
+    outcome = Outcome()
+    if config.train.report_to == "none":
+        yield outcome
+        return
+    _require_wandb()  # on every rank, so a missing package stops all of them, not rank 0 alone
+    if not main:
+        yield outcome
         return
     run = _open_wandb(config, Path(run_dir))
     defined: set[str] = set()
@@ -57,33 +77,46 @@ def session(config: Any, run_dir: Path, *, main: bool = True) -> Iterator[None]:
 
     _sinks.append(sink)
     try:
-        yield
+        yield outcome
+    except BaseException as exc:
+        outcome.exit_code = 130 if isinstance(exc, KeyboardInterrupt) else 1
+        raise
     finally:
         _sinks.remove(sink)
-        run.finish()
+        run.finish(exit_code=outcome.exit_code)
 
 
-def _open_wandb(config: Any, run_dir: Path):
-    try:
-        import wandb
-    except ImportError as exc:
+def _require_wandb() -> None:
+    if importlib.util.find_spec("wandb") is None:
         raise ForgeError(
             "train.report_to is wandb but the wandb package is not installed",
             hint="pip install wandb (or forge-mlx[wandb]), or set train.report_to: none",
-        ) from exc
+        )
+
+
+def _open_wandb(config: Any, run_dir: Path):
+    import wandb
+
     run_dir.mkdir(parents=True, exist_ok=True)
     id_file = run_dir / RUN_ID_FILE
     run_id = id_file.read_text().strip() if id_file.exists() else _new_run_id(run_dir)
     if not id_file.exists():
         atomic_write_text(id_file, run_id + "\n")
-    return wandb.init(
-        project=config.train.wandb_project,
-        name=run_dir.resolve().name,
-        id=run_id,
-        resume="allow",
-        dir=str(run_dir),
-        config=dataclasses.asdict(config),
-    )
+    try:
+        return wandb.init(
+            project=config.train.wandb_project,
+            name=run_dir.resolve().name,
+            id=run_id,
+            resume="allow",
+            dir=str(run_dir),
+            config=dataclasses.asdict(config),
+        )
+    except Exception as exc:  # no API key, no network, a refused project: one line, not wandb's traceback
+        raise ForgeError(
+            f"Weights & Biases did not start: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+            where=str(run_dir),
+            hint="run `wandb login`, set WANDB_MODE=offline, or set train.report_to: none",
+        ) from exc
 
 
 def _new_run_id(run_dir: Path) -> str:

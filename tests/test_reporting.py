@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import struct
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,11 +23,33 @@ RECORDS = [
 
 
 def wandb_history(run_dir: Path) -> list[dict]:
-    """History rows of the offline run under run_dir, parsed from its .wandb file (LevelDB-log framing of
-    protobuf Records: 7-byte file header, 32 KiB blocks, 7-byte record headers, FULL/FIRST/MIDDLE/LAST chunks)."""
+    """History rows of the offline run under run_dir (its only one)."""
+    (path,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    return [row for kind, row in finished_records(path) if kind == "history"]
+
+
+def wandb_exit_codes(run_dir: Path) -> list[int]:
+    """The exit code each offline run under run_dir was finished with, oldest first."""
+    paths = sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"), key=lambda p: p.parent.name)
+    return [row for path in paths for kind, row in finished_records(path) if kind == "exit"]
+
+
+def finished_records(path: Path, timeout: float = 30.0) -> list[tuple[str, object]]:
+    """The records once the exit record is on disk: run.finish() returns before W&B's service process has
+    flushed its file (seen once in ~15 runs here), so read until the run's last record is there."""
+    deadline = time.monotonic() + timeout
+    records = wandb_records(path)
+    while not any(kind == "exit" for kind, _ in records) and time.monotonic() < deadline:
+        time.sleep(0.1)
+        records = wandb_records(path)
+    return records
+
+
+def wandb_records(path: Path) -> list[tuple[str, object]]:
+    """("history", row) and ("exit", code) records of a .wandb file (LevelDB-log framing of protobuf Records:
+    7-byte file header, 32 KiB blocks, 7-byte record headers, FULL/FIRST/MIDDLE/LAST chunks)."""
     from wandb.proto import wandb_internal_pb2 as pb
 
-    (path,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
     data, block, pos, buf, rows = path.read_bytes(), 32768, 7, b"", []
     while pos + 7 <= len(data):
         room = block - pos % block
@@ -34,14 +57,19 @@ def wandb_history(run_dir: Path) -> list[dict]:
         if room < 7 or (kind == 0 and length == 0):  # block trailer or zero padding
             pos += room
             continue
+        if pos + 7 + length > len(data):  # a record still being written
+            break
         buf, pos = buf + data[pos + 7 : pos + 7 + length], pos + 7 + length
         if kind in (1, 4):  # FULL or LAST: a whole record
             record = pb.Record()
             record.ParseFromString(buf)
             buf = b""
-            if record.WhichOneof("record_type") == "history":
+            kind = record.WhichOneof("record_type")
+            if kind == "history":
                 items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
-                rows.append({k: v for k, v in items.items() if not k.startswith("_")})  # W&B's own _step etc.
+                rows.append(("history", {k: v for k, v in items.items() if not k.startswith("_")}))  # not _step
+            elif kind == "exit":
+                rows.append(("exit", record.exit.exit_code))
     return rows
 
 
@@ -79,6 +107,7 @@ def test_records_reach_wandb_and_resume_continues_the_same_run(tmp_path, monkeyp
     assert wandb_history(run_dir) == [reporting.wandb_payload(r) for r in RECORDS]
     run_id = (run_dir / reporting.RUN_ID_FILE).read_text().strip()
     assert run_id.startswith("run-")
+    time.sleep(1.1)  # W&B names an offline run's folder by the second it started
     with reporting.session(config, run_dir):  # a resumed run: the same W&B id
         pass
     assert (run_dir / reporting.RUN_ID_FILE).read_text().strip() == run_id
@@ -86,15 +115,34 @@ def test_records_reach_wandb_and_resume_continues_the_same_run(tmp_path, monkeyp
 
 
 def test_a_data_parallel_rank_other_than_0_does_not_report(tmp_path):
+    pytest.importorskip("wandb")
     with reporting.session(wandb_config(tmp_path), tmp_path / "run", main=False):
         assert reporting._sinks == []  # noqa: SLF001
 
 
-def test_missing_wandb_is_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
+@pytest.mark.parametrize("main", [True, False])
+def test_missing_wandb_is_a_clear_error_on_every_rank(tmp_path, monkeypatch, main):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # find_spec and import see no wandb
     with pytest.raises(ForgeError, match="wandb package is not installed"):
-        with reporting.session(wandb_config(tmp_path), tmp_path / "run"):
+        with reporting.session(wandb_config(tmp_path), tmp_path / "run", main=main):
             pass
+
+
+def test_a_failed_or_interrupted_run_is_not_marked_finished(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    config = wandb_config(tmp_path)
+    with pytest.raises(ForgeError, match="stopped"):
+        with reporting.session(config, config.output_dir):
+            raise ForgeError("stopped")
+    time.sleep(1.1)  # W&B names an offline run's folder by the second it started
+    with reporting.session(config, config.output_dir) as outcome:  # resumed, then Ctrl-C'd with a checkpoint
+        outcome.exit_code = reporting.exit_code({"sft": {"interrupted": True}})
+    time.sleep(1.1)
+    with reporting.session(config, config.output_dir):  # resumed again, to the end
+        pass
+    assert wandb_exit_codes(Path(config.output_dir)) == [1, 130, 0]
 
 
 @pytest.mark.parametrize("backend", ["mlx", "torch"])

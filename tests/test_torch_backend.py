@@ -348,6 +348,11 @@ def test_torch_resume_continues_exactly(runs):
         resume=True,
         log=lambda *a: None,
     )
+    # the records after the checkpoint were dropped and written again: each SFT step once, no stale DPO ones
+    from forge_mlx.metrics_log import read_metrics
+
+    steps = lambda run: [(r["phase"], r["step"], "val_loss" in r) for r in read_metrics(run / "metrics.jsonl")]  # noqa: E731
+    assert steps(resumed) == [s for s in steps(runs["torch"]) if s[0] == "sft"]
     # same restored adapters, Adam moments, RNG and data position, same CPU ops: bit-identical
     expected = load_arrays(runs["torch"] / "checkpoints/sft-000003/adapters.safetensors")
     got = load_arrays(resumed / "adapters.safetensors")

@@ -156,8 +156,10 @@ def prepare_model(config: Config, device: torch.device | None = None, log=print)
 def run_training(config: Config, resume: bool = False, log=print, device: torch.device | str | None = None) -> dict:
     """The whole job on torch; returns a summary that is also written to RUN/summary.json."""
     run_dir = prepare_run_dir(config, resume)
-    with reporting.session(config, run_dir):
-        return train_run(config, run_dir, resume, log, device)
+    with reporting.session(config, run_dir) as outcome:
+        summary = train_run(config, run_dir, resume, log, device)
+        outcome.exit_code = reporting.exit_code(summary)
+    return summary
 
 
 def train_run(config: Config, run_dir: Path, resume: bool, log=print, device: torch.device | str | None = None) -> dict:

@@ -13,7 +13,8 @@ from safetensors.numpy import load_file
 from torch import nn
 
 from forge_mlx.loop_common import Bookkeeping, Interrupt, LoopResult, LoopSpec, bad_step
-from forge_mlx.run_files import latest_good, list_checkpoints, save_numpy_arrays, verify, write_checkpoint
+from forge_mlx.phases import resume_checkpoint
+from forge_mlx.run_files import save_numpy_arrays, write_checkpoint
 from forge_mlx.schedule import lr_at
 from forge_mlx.torch_backend.adapters import adapter_weights, load_adapter_weights
 from forge_mlx.torch_backend.device import device_memory_bytes, peak_memory_bytes, rng_state, set_rng_state
@@ -243,10 +244,7 @@ def resume_point(
     run_dir: Path, phase: str, model: nn.Module, optimizer: AdamW, log=print, *, device: torch.device
 ) -> tuple[int, dict | None]:
     """(step, data state) of the newest good checkpoint of `phase`, loaded into model and optimizer."""
-    for path in list_checkpoints(run_dir, phase):
-        if verify(path) is None:
-            log(f"  checkpoint {path.name} is incomplete or corrupted (checksum); using an earlier one")
-    path, record = latest_good(run_dir, phase)
+    path, record = resume_checkpoint(run_dir, phase, log)
     if path is None:
         return 0, None
     load_checkpoint(path, model, optimizer, device)
