@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from forge_mlx.errors import ForgeError
+from forge_mlx.model_files import read_json_object
 
 CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -75,7 +76,7 @@ def read_adapter(path: str | Path) -> ImportedAdapter:
         raise ForgeError("an adapter is a folder, not a file", where=str(folder), hint="pass the folder that holds it")
     if not folder.is_dir():
         raise ForgeError("adapter folder not found", where=str(folder))
-    config = _read_json(folder / CONFIG_FILE)
+    config = read_json_object(folder / CONFIG_FILE, "not an adapter folder")
     if "peft_type" in config:
         return ImportedAdapter("peft", folder, _peft_layers(folder, config))
     if "fine_tune_type" in config or "lora_parameters" in config:
@@ -209,18 +210,6 @@ def _pickled(file: Path) -> ForgeError:
         where=str(file),
         hint="re-save it as safetensors, e.g. PEFT's save_pretrained(safe_serialization=True)",
     )
-
-
-def _read_json(file: Path) -> dict:
-    if not file.is_file():
-        raise ForgeError(f"no {file.name}: not an adapter folder", where=str(file.parent))
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ForgeError(f"not valid JSON ({exc.msg})", where=f"{file}:{exc.lineno}") from None
-    if not isinstance(config, dict):
-        raise ForgeError("must hold a JSON object", where=str(file))
-    return config
 
 
 def read_safetensors(file: Path) -> dict[str, np.ndarray]:

@@ -50,17 +50,24 @@ def _download(repo: str) -> Path:
         ) from None
 
 
+def read_json_object(file: Path, missing: str) -> dict:
+    """A JSON file that must hold an object; errors name the file (and the line of a syntax error).
+    `missing` says what the folder is not when the file is absent."""
+    if not file.is_file():
+        raise ForgeError(f"no {file.name}: {missing}", where=str(file.parent))
+    try:
+        value = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ForgeError(f"{file.name} is not valid JSON ({exc.msg})", where=f"{file}:{exc.lineno}") from None
+    if not isinstance(value, dict):
+        raise ForgeError(f"{file.name} must hold a JSON object", where=str(file))
+    return value
+
+
 def read_model_config(path: Path) -> dict:
     """config.json of a folder that holds safetensors weights and needs no custom code."""
     config_file = path / "config.json"
-    if not config_file.exists():
-        raise ForgeError("no config.json: not a Hugging Face model folder", where=str(path))
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ForgeError(f"config.json is not valid JSON ({exc.msg})", where=f"{config_file}:{exc.lineno}") from None
-    if not isinstance(config, dict):
-        raise ForgeError("config.json must hold a JSON object", where=str(config_file))
+    config = read_json_object(config_file, "not a Hugging Face model folder")
     if not list(path.glob("model*.safetensors")):
         pickled = [p.name for pattern in PICKLED for p in path.glob(pattern)]
         if pickled:
