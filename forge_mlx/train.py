@@ -49,8 +49,8 @@ def make_step(
     """Micro-step (adds weight * grad to the running sum) and compiled update (mean, clip, AdamW).
 
     The micro-step is compiled unless `compile_micro` is False: under a chunked loss, mx.compile's graph
-    simplification keeps every chunk's logits alive until the backward (peak at seq 1024: 505 MB compiled vs
-    248 MB eager, docs/BENCHMARKS.md section 9), which is the memory chunking exists to save.
+    simplification keeps every chunk's logits alive until the backward (chunk 64 at seq 1024: 528 MB compiled vs
+    320 MB eager, docs/BENCHMARKS.md section 9), which is the memory chunking exists to save.
     """
     loss_and_grad = nn.value_and_grad(model, loss_fn)
     state = [model.state, optimizer.state, mx.random.state]
